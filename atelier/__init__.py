@@ -1,0 +1,3 @@
+"""atelier: attribute-to-image retrieval."""
+
+__version__ = "0.1.0"

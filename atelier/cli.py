@@ -1,0 +1,216 @@
+"""`atelier`: a thin command line; each verb parses its arguments and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, value = _key_value(text)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from atelier.catalog.fashion_mnist import import_fashion_mnist
+
+    catalogue = import_fashion_mnist(args.out, args.source)
+    print(f"{catalogue.name}: {len(catalogue)} products -> {args.out} (fingerprint {catalogue.fingerprint[:12]})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from atelier.generator.train import TrainConfig, train
+
+    folder = train(TrainConfig(
+        catalogue=args.catalogue, out=args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+        max_seconds=args.max_seconds, max_steps=args.max_steps, split=None if args.split == "all" else args.split,
+        limit=args.limit, seed=args.seed, threads=args.threads, resume=args.resume,
+        model_overrides=dict(args.set), progress=not args.quiet, device=args.device,
+        command="atelier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    ))
+    print(f"checkpoint: {args.out} -> {folder}")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from atelier.indexer.runner import reindex
+
+    folder = reindex(args.catalogue, args.out, args.embedder, args.input_size, args.batch_size,
+                     args.max_failed_fraction, args.threads, progress=not args.quiet)
+    print(f"index: {args.out} -> {folder}")
+
+
+def parse_models(specs: list[str]) -> dict[str, Path]:
+    models = {}
+    for spec in specs:
+        name, path = spec.split("=", 1) if "=" in spec else (Path(spec).name, spec)
+        if name in models:
+            raise SystemExit(f"model name {name!r} given twice; name them: --model NAME=PATH")
+        models[name] = Path(path)
+    return models
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from atelier.retrieval.service import Limits
+    from atelier.server.app import serve
+
+    limits = Limits(max_num_samples=args.max_num_samples, max_top_k=args.max_top_k)
+    serve(args.index, parse_models(args.model), args.address, args.workers, limits)
+
+
+def cmd_query(args: argparse.Namespace) -> None:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from atelier.server.client import AtelierClient
+
+    attributes: dict[str, list[str]] = {}
+    for key, value in args.attr:
+        attributes.setdefault(key, []).append(value)
+    try:
+        with AtelierClient(args.target, timeout=args.timeout) as client:
+            if args.schema or not attributes:
+                print(json.dumps(MessageToDict(client.get_schema()), indent=2))
+                return
+            response = client.generate_and_retrieve(
+                {k: v[0] if len(v) == 1 else v for k, v in attributes.items()}, args.model, args.num_samples,
+                args.top_k, args.seed, return_images=args.images_out is not None,
+            )
+    except grpc.RpcError as error:
+        raise RuntimeError(f"{error.code().name}: {error.details()}") from None
+    if args.images_out:
+        args.images_out.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(response.images):
+            (args.images_out / f"sample-{i:02d}.png").write_bytes(image.png)
+    if args.json:
+        data = MessageToDict(response, preserving_proto_field_name=True)
+        data.pop("images", None)
+        print(json.dumps(data, indent=2))
+        return
+    print(f"model {response.model} ({response.model_version}), index {response.index_version}, seed {response.seed}")
+    for rank, product in enumerate(response.products, 1):
+        attrs = ", ".join(f"{k}={'|'.join(v.values)}" for k, v in sorted(product.attributes.items()))
+        print(f"{rank:3d}. {product.id:<16} {product.score:.4f}  {attrs}")
+    print("timings: " + ", ".join(f"{t.stage} {t.milliseconds:.1f} ms" for t in response.timings))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from atelier.demo import run_demo
+
+    run_demo(args.out, train_seconds=args.train_seconds, checkpoint=args.checkpoint, source=args.source,
+             num_samples=args.num_samples, input_size=args.input_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atelier",
+        description="Attribute-to-image retrieval: generate the described item, return the nearest catalogue products.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("import", help="import a dataset as a catalogue (Parquet + manifest)")
+    p.add_argument("dataset", choices=["fashion-mnist"], help="which dataset")
+    p.add_argument("--out", type=Path, required=True, help="catalogue folder to publish")
+    p.add_argument("--source", type=Path, help="folder holding the IDX files (default: Debian's package, then download)")
+    p.set_defaults(func=cmd_import)
+
+    from atelier.generator.base import FAMILIES
+    import atelier.generator  # noqa: F401  (registers the families)
+
+    p = verbs.add_parser("train", help="train a conditional generator on a catalogue")
+    p.add_argument("--model", default="cgan", choices=sorted(FAMILIES), help="model family (default cgan)")
+    p.add_argument("--catalogue", type=Path, required=True, help="catalogue folder (from `atelier import`)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to publish (atomically, each epoch)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs to run (default 20)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-seconds", type=float, help="stop after this long and save (a time budget)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps and save")
+    p.add_argument("--split", default="train", help="catalogue split to train on, or 'all' (default train)")
+    p.add_argument("--limit", type=int, help="train on the first N rows only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out")
+    p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="model option, e.g. --set g_width=64 --set latent_dim=128")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("index", help="embed a catalogue's images and publish a FAISS index folder")
+    p.add_argument("--catalogue", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="index folder to publish (atomically)")
+    p.add_argument("--embedder", default="mobilenet_v2", help="embedder name (default mobilenet_v2, ImageNet)")
+    p.add_argument("--input-size", type=int, default=64, help="embedder input size in px (default 64)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-failed-fraction", type=float, default=0.01,
+                   help="fail (publishing nothing) if more than this fraction of images cannot be decoded")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_index)
+
+    p = verbs.add_parser("serve", help="serve GenerateAndRetrieve over gRPC")
+    p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`)")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
+                   help="checkpoint folder, optionally named; repeat for several models (the first is the default)")
+    p.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (default 127.0.0.1:50051)")
+    p.add_argument("--workers", type=int, default=8, help="concurrent requests served")
+    p.add_argument("--max-num-samples", type=int, default=32)
+    p.add_argument("--max-top-k", type=int, default=100)
+    p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("query", help="call a running server (GenerateAndRetrieve, or GetSchema without --attr)")
+    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    p.add_argument("--attr", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
+                   help="attribute, e.g. --attr category=Dress (repeat a group for multi-label values)")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--num-samples", type=int, default=0, help="images to generate (0: server default)")
+    p.add_argument("--top-k", type=int, default=0, help="products to return (0: server default)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--images-out", type=Path, help="write the generated images here as PNG")
+    p.add_argument("--schema", action="store_true", help="print the server's schema, models and index")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_query)
+
+    p = verbs.add_parser("demo", help="Fashion-MNIST end to end: import, train, index, serve, query, report")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for artifacts and report (default demo-out)")
+    p.add_argument("--train-seconds", type=float, default=240.0, help="training budget in seconds (default 240)")
+    p.add_argument("--checkpoint", type=Path, help="start from this trained checkpoint instead of training")
+    p.add_argument("--source", type=Path, help="folder holding the Fashion-MNIST IDX files")
+    p.add_argument("--num-samples", type=int, default=8, help="images generated per query (default 8)")
+    p.add_argument("--input-size", type=int, default=64, help="embedder input size (default 64)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        if args.verbose:
+            raise
+        print(f"atelier {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

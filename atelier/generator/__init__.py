@@ -1,0 +1,7 @@
+"""Conditional generators behind one interface; importing this registers every family."""
+
+from atelier.generator import cgan  # noqa: F401  (registers "cgan")
+from atelier.generator.base import FAMILIES, ConditionalGenerator, family
+from atelier.generator.checkpoint import load_generator, save_checkpoint
+
+__all__ = ["FAMILIES", "ConditionalGenerator", "family", "load_generator", "save_checkpoint"]

@@ -1,0 +1,85 @@
+"""The interface every conditional generator implements, and the registry of families.
+
+A generator maps (z, condition vector) to images in [-1, 1], NCHW. Callers outside training
+use `sample(attributes, n, seed)`, which returns uint8 (n, H, W, C) ready to embed or encode.
+Families register under a name (`--model cgan`), torchvision-style.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from atelier.catalog.schema import AttributeSchema, AttributeValues
+
+FAMILIES: dict[str, type["ConditionalGenerator"]] = {}
+
+
+def register(cls: type["ConditionalGenerator"]) -> type["ConditionalGenerator"]:
+    FAMILIES[cls.family] = cls
+    return cls
+
+
+def family(name: str) -> type["ConditionalGenerator"]:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; available: {', '.join(sorted(FAMILIES))}") from None
+
+
+class ConditionalGenerator(nn.Module):
+    family: ClassVar[str]
+    Config: ClassVar[type]  # a dataclass of architecture hyper-parameters
+
+    def __init__(self, schema: AttributeSchema, config: Any):
+        super().__init__()
+        self.schema = schema
+        self.config = config
+
+    # subclasses: forward(z, condition) -> images in [-1, 1], (N, C, H, W)
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.config.channels
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    @torch.inference_mode()
+    def sample_conditions(self, conditions: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+        """One image per row of `conditions` (condition vectors), z drawn from each row's seed."""
+        z = torch.stack([torch.randn(self.latent_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            images = self(z.to(device), torch.as_tensor(conditions, dtype=torch.float32, device=device)).cpu()
+        finally:
+            self.train(was_training)
+        return to_uint8(images)
+
+    def sample(self, attributes: Mapping[str, AttributeValues], n: int, seed: int = 0) -> np.ndarray:
+        """n images of the item described by `attributes`, reproducible for a given seed."""
+        condition = self.schema.encode(attributes)
+        return self.sample_conditions(np.repeat(condition[None], n, axis=0), sample_seeds(seed, n))
+
+
+def sample_seeds(seed: int, n: int) -> list[int]:
+    """Per-image seeds derived from a request seed, so image i is the same whatever n is."""
+    return [(int(seed) * 1_000_003 + i) % (2**63) for i in range(n)]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW float -> uint8 NHWC."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

@@ -1,0 +1,82 @@
+"""Model checkpoints: `config.json` + `weights.safetensors` (+ `manifest.json`), never pickle.
+
+`config.json` names the family, its architecture config and the AttributeSchema, so a
+checkpoint rebuilds its model from data alone. Training-only modules (a GAN's discriminator)
+are saved beside it as `<name>.safetensors` so that a run can resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from atelier import artifacts
+from atelier.catalog.schema import AttributeSchema
+from atelier.generator.base import ConditionalGenerator, family
+
+KIND = "model"
+WEIGHTS = "weights.safetensors"
+
+
+def save_checkpoint(
+    model: ConditionalGenerator,
+    dest: Path,
+    training: dict[str, Any] | None = None,
+    extra: dict[str, nn.Module] | None = None,
+    files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write the checkpoint to a staging folder and publish it atomically at `dest`."""
+    with artifacts.staging(dest) as stage:
+        config = {"family": model.family, "config": model.config_dict(), "schema": model.schema.to_dict()}
+        (stage / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(_contiguous(model.state_dict()), stage / WEIGHTS)
+        for name, module in (extra or {}).items():
+            save_file(_contiguous(module.state_dict()), stage / f"{name}.safetensors")
+        for name, data in (files or {}).items():
+            (stage / name).write_bytes(data)
+        artifacts.write_manifest(stage, KIND, family=model.family, training=training or {})
+        return artifacts.publish(stage, dest)
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    return json.loads((artifacts.resolve(path) / "config.json").read_text())
+
+
+def build_from_config(config: dict[str, Any]) -> ConditionalGenerator:
+    cls = family(config["family"])
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = set(config["config"]) - fields
+    if unknown:
+        raise artifacts.ArtifactError(f"checkpoint config has fields {sorted(unknown)} unknown to {cls.family}")
+    return cls(AttributeSchema.from_dict(config["schema"]), cls.Config(**config["config"]))
+
+
+def load_generator(path: Path, verify: bool = True) -> tuple[ConditionalGenerator, dict[str, Any]]:
+    """Rebuild a generator from a checkpoint folder; returns (model in eval mode, manifest)."""
+    folder = artifacts.resolve(path)
+    manifest = artifacts.read_manifest(folder, KIND, verify=verify)
+    model = build_from_config(json.loads((folder / "config.json").read_text()))
+    model.load_state_dict(load_file(folder / WEIGHTS))
+    model.eval()
+    manifest["version"] = folder.name
+    manifest["weights_sha256"] = manifest["files"][WEIGHTS]
+    return model, manifest
+
+
+def load_extra(path: Path, name: str, module: nn.Module) -> bool:
+    """Load a training-only module (e.g. the discriminator) if the checkpoint has it."""
+    file = artifacts.resolve(path) / f"{name}.safetensors"
+    if not file.is_file():
+        return False
+    module.load_state_dict(load_file(file))
+    return True

@@ -1,0 +1,192 @@
+"""The training loop: catalogue -> tensors -> family trainer steps -> grids and checkpoints.
+
+The loop knows nothing about a family's losses: `Family.Trainer(model).step(images, condition)`
+does one optimisation step and returns its losses. Each epoch writes a sample grid (one column
+per value of the first attribute group, same z every epoch so grids compare) and publishes a
+checkpoint atomically, so a killed run leaves the last epoch's checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from atelier import artifacts
+from atelier.catalog.catalogue import Catalogue
+from atelier.catalog.images import encode_png, image_grid, to_square
+from atelier.catalog.schema import AttributeSchema
+from atelier.generator.base import ConditionalGenerator, family, sample_seeds
+from atelier.generator.checkpoint import load_extra, load_generator, save_checkpoint
+
+GRID_COLUMNS_MAX = 12
+
+
+@dataclass
+class TrainConfig:
+    catalogue: Path
+    out: Path
+    model: str = "cgan"
+    epochs: int = 20
+    batch_size: int = 64
+    max_seconds: float | None = None  # stop (and save) once this much time has passed
+    max_steps: int | None = None
+    split: str | None = "train"  # None: every row
+    limit: int | None = None  # first N rows only (tests, smoke runs)
+    image_size: int | None = None  # None: the catalogue's own size
+    seed: int = 0
+    threads: int | None = None
+    resume: bool = False
+    grid_rows: int = 8
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+    command: str | None = None  # recorded in the manifest
+    device: str = "auto"  # cpu, cuda, or auto (cuda when available)
+
+
+def prepare_data(catalogue: Catalogue, split: str | None, limit: int | None, image_size: int | None):
+    """Images as float32 NCHW in [-1, 1] and condition vectors, in catalogue order."""
+    has_split = split is not None and split in set(catalogue.attributes().column("split").to_pylist())
+    images, rows = catalogue.load_images(split=split if has_split else None, limit=limit)
+    if image_size is not None and images.shape[1:3] != (image_size, image_size):
+        images = np.stack([to_square(im, image_size, pad_value=_background(images)) for im in images])
+    schema = catalogue.schema
+    attrs = rows.select(list(schema.names)).to_pylist()
+    conditions = np.stack([schema.encode({k: v for k, v in a.items() if v is not None}, require_all=False) for a in attrs])
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return tensor.contiguous(), torch.from_numpy(conditions), attrs
+
+
+def _background(images: np.ndarray) -> int:
+    """Pad with the images' own border colour (black for Fashion-MNIST, white for product photos)."""
+    return int(np.median(np.concatenate([images[:, 0].ravel(), images[:, -1].ravel()])))
+
+
+def grid_conditions(schema: AttributeSchema, attrs: list[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
+    """One condition per value of the first group; other single-label groups at their commonest value."""
+    first = schema.groups[0]
+    fixed: dict[str, Any] = {}
+    for g in schema.groups[1:]:
+        if not g.multi_label:
+            values = [a[g.name] for a in attrs if a.get(g.name) is not None]
+            if values:
+                fixed[g.name] = max(set(values), key=values.count)
+    columns = list(first.values[:GRID_COLUMNS_MAX])
+    conds = np.stack([schema.encode({first.name: v, **fixed}, require_all=False) for v in columns])
+    return conds, columns
+
+
+def sample_grid(model: ConditionalGenerator, conditions: np.ndarray, rows: int, seed: int) -> np.ndarray:
+    """rows x len(conditions) images: column j is condition j, row i uses seed i."""
+    seeds = sample_seeds(seed, rows)
+    cond = np.repeat(conditions[None], rows, axis=0).reshape(-1, conditions.shape[1])
+    images = model.sample_conditions(cond, [s for s in seeds for _ in range(len(conditions))])
+    return image_grid(images, columns=len(conditions))
+
+
+def machine_description() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) a model; returns the published checkpoint's folder."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    catalogue = Catalogue.open(cfg.catalogue)
+    images, conditions, attrs = prepare_data(catalogue, cfg.split, cfg.limit, cfg.image_size)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    images, conditions = images.to(device), conditions.to(device)
+    if len(images) < cfg.batch_size:
+        raise ValueError(f"{len(images)} training images is fewer than one batch of {cfg.batch_size}")
+
+    cls = family(cfg.model)
+    start_epoch, images_seen, elapsed_before = 0, 0, 0.0
+    if cfg.resume and Path(cfg.out).exists():
+        model, manifest = load_generator(cfg.out)
+        if model.family != cfg.model:
+            raise ValueError(f"{cfg.out} holds a {model.family!r} model, cannot resume it as {cfg.model!r}")
+        difference = model.schema.describe_difference(catalogue.schema)
+        if difference:
+            raise ValueError(f"cannot resume on this catalogue: {difference}")
+        model.to(device).train()
+        trainer = cls.Trainer(model)
+        for name, module in trainer.extra_state().items():
+            load_extra(cfg.out, name, module)
+        done = manifest.get("training", {})
+        start_epoch, images_seen = int(done.get("epochs", 0)), int(done.get("images_seen", 0))
+        elapsed_before = float(done.get("seconds", 0.0))
+    else:
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        bad = set(cfg.model_overrides) - fields
+        if bad:
+            raise ValueError(f"unknown {cfg.model} option(s) {sorted(bad)}; allowed: {sorted(fields)}")
+        arch = cls.Config(**{"image_size": images.shape[2], "channels": images.shape[1], **cfg.model_overrides})
+        model = cls(catalogue.schema, arch).to(device)
+        trainer = cls.Trainer(model)
+    model.train()
+
+    grid_conds, grid_columns = grid_conditions(catalogue.schema, attrs)
+    grids_dir = Path(f"{cfg.out}.samples")
+    grids_dir.mkdir(parents=True, exist_ok=True)
+    steps_per_epoch = len(images) // cfg.batch_size
+    generator = torch.Generator().manual_seed(cfg.seed + start_epoch)
+    start, step, last_losses, epoch = time.perf_counter(), 0, {}, start_epoch
+    stopped_early = False
+
+    def checkpoint(epoch_done: int) -> Path:
+        grid = sample_grid(model, grid_conds, cfg.grid_rows, seed=cfg.seed)
+        png = encode_png(grid)
+        (grids_dir / f"epoch-{epoch_done:03d}.png").write_bytes(png)
+        seconds = elapsed_before + time.perf_counter() - start
+        training = {
+            "catalogue": catalogue.name, "catalogue_fingerprint": catalogue.fingerprint, "split": cfg.split,
+            "rows": len(images), "epochs": epoch_done, "images_seen": images_seen, "batch_size": cfg.batch_size,
+            "seconds": round(seconds, 1), "images_per_second": round(images_seen / max(seconds, 1e-9), 1),
+            "seed": cfg.seed, "losses": last_losses, "grid_columns": grid_columns,
+            "command": cfg.command or " ".join(sys.argv), "machine": machine_description(),
+        }
+        return save_checkpoint(model, cfg.out, training, extra=trainer.extra_state(), files={"samples.png": png})
+
+    for epoch in range(start_epoch, start_epoch + cfg.epochs):
+        order = torch.randperm(len(images), generator=generator).to(device)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{start_epoch + cfg.epochs}",
+                   disable=not cfg.progress, leave=False, dynamic_ncols=True)
+        for i in bar:
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            last_losses = trainer.step(images[idx], conditions[idx])
+            images_seen += len(idx)
+            step += 1
+            if i % 20 == 0:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in last_losses.items()})
+            if (cfg.max_steps and step >= cfg.max_steps) or (
+                cfg.max_seconds and time.perf_counter() - start >= cfg.max_seconds
+            ):
+                stopped_early = True
+                break
+        bar.close()
+        if any(not np.isfinite(v) for v in last_losses.values()):
+            raise FloatingPointError(f"epoch {epoch + 1}: losses became non-finite {last_losses}; last checkpoint kept")
+        checkpoint(epoch + (0 if stopped_early and i + 1 < steps_per_epoch else 1))
+        if cfg.progress:
+            rate = images_seen / max(elapsed_before + time.perf_counter() - start, 1e-9)
+            print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_losses.items())
+                  + f", {rate:.0f} img/s -> {cfg.out}", file=sys.stderr)
+        if stopped_early:
+            break
+    return artifacts.resolve(cfg.out)

@@ -1,0 +1,57 @@
+"""The reindex job: catalogue -> reader -> mapper -> writer -> published index directory.
+
+Follows clip-retrieval's shape: the runner wires the three stages; `sequential` is the only
+distributor for now (one process; a Spark or Slurm distributor would split the catalogue's
+Parquet files across workers and merge the writers' outputs).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from atelier.catalog.catalogue import Catalogue
+from atelier.indexer.embedders import DEFAULT_EMBEDDER, DEFAULT_INPUT_SIZE, build_embedder
+from atelier.indexer.mapper import EmbeddingMapper
+from atelier.indexer.reader import CatalogueReader
+from atelier.indexer.writer import IndexWriter
+
+
+def reindex(
+    catalogue_path: Path,
+    dest: Path,
+    embedder_name: str = DEFAULT_EMBEDDER,
+    input_size: int = DEFAULT_INPUT_SIZE,
+    batch_size: int = 64,
+    max_failed_fraction: float = 0.01,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Embed every catalogue image and publish the index at `dest`; returns the version folder."""
+    if threads:
+        torch.set_num_threads(threads)
+    catalogue = Catalogue.open(catalogue_path, verify=True)
+    embedder = build_embedder(embedder_name, input_size)
+    reader = CatalogueReader(catalogue, batch_size)
+    mapper = EmbeddingMapper(embedder, catalogue.image_channels)
+    writer = IndexWriter(
+        dest, catalogue.schema, embedder.describe(),
+        {"name": catalogue.name, "fingerprint": catalogue.fingerprint, "rows": len(catalogue)},
+        max_failed_fraction,
+    )
+    start = time.perf_counter()
+    try:
+        with tqdm(total=len(reader), desc="embedding", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            for embedded in mapper.map(reader):
+                writer.write(embedded)
+                bar.update(len(embedded.vectors) + len(embedded.skipped))
+    finally:
+        mapper.close()
+    seconds = time.perf_counter() - start
+    return writer.close(extra={"build": {
+        "seconds": round(seconds, 2), "images_per_second": round(len(catalogue) / seconds, 1),
+        "batch_size": batch_size, "torch_threads": torch.get_num_threads(),
+    }})

@@ -1,0 +1,54 @@
+"""A small client for the Atelier service (what `atelier query` and the demo use)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from atelier.server.wire import pb, pb_grpc
+
+
+class AtelierClient:
+    def __init__(self, target: str, timeout: float = 60.0):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.AtelierStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> "AtelierClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def generate_and_retrieve(
+        self,
+        attributes: Mapping[str, str | Sequence[str]],
+        model: str = "",
+        num_samples: int = 0,
+        top_k: int = 0,
+        seed: int | None = None,
+        return_images: bool = False,
+    ) -> "pb.GenerateAndRetrieveResponse":
+        request = pb.GenerateAndRetrieveRequest(
+            attributes={k: pb.AttributeValues(values=[v] if isinstance(v, str) else list(v)) for k, v in attributes.items()},
+            model=model, num_samples=num_samples, top_k=top_k, return_images=return_images,
+        )
+        if seed is not None:
+            request.seed = seed
+        return self.stub.GenerateAndRetrieve(request, timeout=self.timeout)
+
+    def get_schema(self) -> "pb.GetSchemaResponse":
+        return self.stub.GetSchema(pb.GetSchemaRequest(), timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -1,0 +1,106 @@
+"""FAISS index directories: exact results, the merge rule, atomic publishing, bad images."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from atelier import artifacts
+from atelier.catalog.catalogue import Catalogue, write_catalogue
+from atelier.catalog.fashion_mnist import SCHEMA
+from atelier.indexer.index_directory import IndexDirectory, write_index_directory
+from atelier.indexer.runner import reindex
+from atelier.indexer.writer import TooManyFailures
+from atelier.retrieval.service import merge_by_mean_similarity
+
+from conftest import random_unit_vectors
+
+EMBEDDER = {"name": "test", "input_size": 32, "dim": 64, "weights_sha256": "0" * 64}
+
+
+def _products(n):
+    return pa.table({"id": [f"p{i:04d}" for i in range(n)], "category": ["Dress"] * n})
+
+
+def _publish(dest, vectors):
+    return write_index_directory(dest, vectors, _products(len(vectors)), EMBEDDER, SCHEMA, {"name": "t", "fingerprint": "f"})
+
+
+def test_faiss_search_equals_brute_force(tmp_path):
+    vectors = random_unit_vectors(2000, 64, seed=1)
+    queries = random_unit_vectors(25, 64, seed=2)
+    _publish(tmp_path / "index", vectors)
+    index = IndexDirectory.open(tmp_path / "index")
+    scores, rows = index.search(queries, 10)
+    similarity = queries @ vectors.T
+    expected_rows = np.argsort(-similarity, axis=1, kind="stable")[:, :10]
+    assert np.array_equal(rows, expected_rows)
+    assert np.allclose(scores, np.take_along_axis(similarity, expected_rows, axis=1), atol=1e-5)
+    assert index.manifest["count"] == 2000 and index.manifest["dimension"] == 64
+
+
+def test_merge_ranks_candidates_by_mean_similarity(tmp_path):
+    vectors = random_unit_vectors(500, 64, seed=3)
+    queries = random_unit_vectors(4, 64, seed=4)
+    _publish(tmp_path / "index", vectors)
+    index = IndexDirectory.open(tmp_path / "index")
+    _, rows = index.search(queries, 8)
+    ranked, scores = merge_by_mean_similarity(index, queries, rows, 8)
+    candidates = np.unique(rows)
+    mean = (vectors[candidates] @ queries.T).mean(axis=1)
+    expected = candidates[np.argsort(-mean, kind="stable")][:8]
+    assert ranked.tolist() == expected.tolist()
+    assert np.all(np.diff(scores) <= 0) and np.allclose(scores, np.sort(mean)[::-1][:8], atol=1e-5)
+
+
+def test_tampered_index_is_refused(tmp_path):
+    _publish(tmp_path / "index", random_unit_vectors(50, 64))
+    folder = artifacts.resolve(tmp_path / "index")
+    with open(folder / "products.parquet", "ab") as handle:
+        handle.write(b"x")
+    with pytest.raises(artifacts.ArtifactError, match="products.parquet does not match its sha256"):
+        IndexDirectory.open(tmp_path / "index")
+
+
+def test_killed_index_build_leaves_previous_index_loadable(tmp_path, small_catalogue, mobilenet_weights):
+    dest = tmp_path / "index"
+    first = reindex(small_catalogue, dest, input_size=32, progress=False)
+    before = IndexDirectory.open(dest)
+    command = [sys.executable, "-m", "atelier.cli", "index", "--catalogue", str(small_catalogue), "--out", str(dest),
+               "--input-size", "160", "--batch-size", "16", "--quiet"]
+    for delay in (0.5, 3.0, 6.0, 9.0):
+        job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if job.poll() is not None:
+            pytest.fail(f"the build finished within {delay} s, so the kill tested nothing; make it longer")
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+        after = IndexDirectory.open(dest)  # verifies every sha256
+        assert after.path == first and after.manifest["embedder"]["input_size"] == 32
+        assert np.array_equal(after.products.column("id").to_pylist(), before.products.column("id").to_pylist())
+    # A rerun completes and publishes a new version; the staging leftovers of killed runs never show.
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert IndexDirectory.open(dest).manifest["embedder"]["input_size"] == 160
+
+
+def test_undecodable_images_are_skipped_and_listed(tmp_path, small_catalogue, mobilenet_weights):
+    table = Catalogue.open(small_catalogue).read().slice(0, 40)
+    images = table.column("image").to_pylist()
+    images[3], images[7] = b"\x89PNG broken", b""
+    broken = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    write_catalogue(tmp_path / "cat", "broken", SCHEMA, [broken], image_channels=1)
+    reindex(tmp_path / "cat", tmp_path / "index", input_size=32, max_failed_fraction=0.1, progress=False)
+    index = IndexDirectory.open(tmp_path / "index")
+    skipped = index.manifest["skipped"]
+    assert [s["id"] for s in skipped] == [table.column("id")[3].as_py(), table.column("id")[7].as_py()]
+    assert all(s["reason"] for s in skipped) and len(index) == 38
+    # Over the allowed fraction: nothing is published, the previous index stays.
+    with pytest.raises(TooManyFailures, match="2 of 40 images"):
+        reindex(tmp_path / "cat", tmp_path / "index", input_size=48, max_failed_fraction=0.01, progress=False)
+    assert IndexDirectory.open(tmp_path / "index").manifest["embedder"]["input_size"] == 32
