@@ -38,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     folder = train(TrainConfig(
         catalogue=args.catalogue, out=args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
         max_seconds=args.max_seconds, max_steps=args.max_steps, split=None if args.split == "all" else args.split,
-        limit=args.limit, seed=args.seed, threads=args.threads, resume=args.resume,
+        limit=args.limit, seed=args.seed, threads=args.threads, resume=args.resume, init=args.init,
         model_overrides=dict(args.set), progress=not args.quiet, device=args.device,
         command="atelier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     ))
@@ -110,8 +110,8 @@ def cmd_query(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from atelier.demo import run_demo
 
-    run_demo(args.out, train_seconds=args.train_seconds, checkpoint=args.checkpoint, source=args.source,
-             num_samples=args.num_samples, input_size=args.input_size)
+    run_demo(args.out, train_seconds=args.train_seconds, init=args.init, from_scratch=args.from_scratch,
+             checkpoint=args.checkpoint, source=args.source, num_samples=args.num_samples, input_size=args.input_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out")
+    p.add_argument("--init", type=Path, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (fine-tune) and publish to --out")
     p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="model option, e.g. --set g_width=64 --set latent_dim=128")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -188,8 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", help="Fashion-MNIST end to end: import, train, index, serve, query, report")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for artifacts and report (default demo-out)")
-    p.add_argument("--train-seconds", type=float, default=240.0, help="training budget in seconds (default 240)")
-    p.add_argument("--checkpoint", type=Path, help="start from this trained checkpoint instead of training")
+    p.add_argument("--train-seconds", type=float, default=120.0, help="training budget in seconds (default 120)")
+    p.add_argument("--init", type=Path, metavar="CHECKPOINT",
+                   help="fine-tune from this checkpoint (default: the committed checkpoints/cgan-fashion-mnist, if present)")
+    p.add_argument("--from-scratch", action="store_true", help="train from random weights instead of --init")
+    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint as it is (no training)")
     p.add_argument("--source", type=Path, help="folder holding the Fashion-MNIST IDX files")
     p.add_argument("--num-samples", type=int, default=8, help="images generated per query (default 8)")
     p.add_argument("--input-size", type=int, default=64, help="embedder input size (default 64)")

@@ -27,6 +27,7 @@ from atelier.server.app import start_server
 from atelier.server.client import AtelierClient
 
 TOP_K = 5
+DEFAULT_INIT = Path(__file__).resolve().parents[1] / "checkpoints" / "cgan-fashion-mnist"
 
 
 def _say(message: str) -> None:
@@ -42,8 +43,9 @@ def _index_is_current(index: Path, catalogue: Catalogue, input_size: int) -> boo
             and manifest["embedder"]["input_size"] == input_size)
 
 
-def run_demo(out: Path, train_seconds: float = 240.0, checkpoint: Path | None = None, source: Path | None = None,
-             num_samples: int = 8, input_size: int = 64, seed: int = 0) -> dict:
+def run_demo(out: Path, train_seconds: float = 120.0, init: Path | None = None, from_scratch: bool = False,
+             checkpoint: Path | None = None, source: Path | None = None, num_samples: int = 8, input_size: int = 64,
+             seed: int = 0) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -61,9 +63,17 @@ def run_demo(out: Path, train_seconds: float = 240.0, checkpoint: Path | None = 
         _say(f"model: using the trained checkpoint {model_dir}")
     else:
         model_dir = out / "model"
-        _say(f"model: training the CGAN on the train split for at most {train_seconds:.0f} s")
-        train(TrainConfig(catalogue=catalogue_dir, out=model_dir, model="cgan", epochs=1000,
-                          max_seconds=train_seconds, seed=seed, command=f"atelier demo --train-seconds {train_seconds}"))
+        if from_scratch:
+            init = None
+        elif init is None and DEFAULT_INIT.exists():
+            init = DEFAULT_INIT
+        elif init is not None and not Path(init).exists():
+            raise FileNotFoundError(f"--init {init} does not exist")
+        start = f"fine-tuning {init}" if init else "training the CGAN from scratch"
+        _say(f"model: {start} on the train split for at most {train_seconds:.0f} s")
+        train(TrainConfig(catalogue=catalogue_dir, out=model_dir, model="cgan", epochs=1000, init=init,
+                          max_seconds=train_seconds, seed=seed, command=f"atelier demo --train-seconds {train_seconds}"
+                          + (f" --init {init}" if init else " --from-scratch")))
     grid = out / "grid.png"
     shutil.copyfile(artifacts.resolve(model_dir) / "samples.png", grid)
 

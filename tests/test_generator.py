@@ -78,3 +78,55 @@ def test_unknown_model_option_is_refused(tmp_path, small_catalogue):
         train(TrainConfig(catalogue=small_catalogue, out=tmp_path / "m", max_steps=1, progress=False,
                           model_overrides={"g_widht": 8}))
     assert not (tmp_path / "m").exists()
+
+
+# -- the multi-conditional GAN ------------------------------------------------------------
+
+from atelier.catalog.schema import AttributeGroup, AttributeSchema  # noqa: E402
+from atelier.generator.conditioning import ConditionEmbedding, drop_groups  # noqa: E402
+from atelier.generator.mcgan import MCGAN, MCGANConfig, ProjectionDiscriminator  # noqa: E402
+
+TWO_GROUPS = AttributeSchema((AttributeGroup("type", ("Topwear", "Bottomwear", "Shoes")),
+                              AttributeGroup("colour", ("Black", "White"))))
+TINY_MC = dict(image_size=32, g_width=8, d_width=8, embed_dim=8, latent_dim=16)
+
+
+def test_any_embedding_replaces_an_unspecified_group_only():
+    embed = ConditionEmbedding(TWO_GROUPS, 4, learn_any=True)
+    full = torch.from_numpy(TWO_GROUPS.encode({"type": "Shoes", "colour": "Black"}))[None]
+    partial = torch.from_numpy(TWO_GROUPS.encode({"type": "Shoes"}, require_all=False))[None]
+    a, b = embed(full), embed(partial)
+    assert torch.equal(a[:, :4], b[:, :4])  # the given group is embedded the same way
+    assert torch.allclose(b[:, 4:], embed.any[1][None])  # the missing one is the learned "any"
+
+
+def test_drop_groups_zeroes_whole_blocks():
+    torch.manual_seed(0)
+    cond = torch.from_numpy(np.stack([TWO_GROUPS.encode({"type": "Topwear", "colour": "White"})] * 400))
+    dropped = drop_groups(cond, [3, 2], 0.25)
+    per_group = torch.stack([dropped[:, :3].sum(1), dropped[:, 3:].sum(1)], 1)
+    assert set(per_group.unique().tolist()) <= {0.0, 1.0}  # a block is kept whole or dropped whole
+    assert 0.15 < (per_group == 0).float().mean().item() < 0.35
+
+
+@pytest.mark.parametrize("discriminator", ["projection", "channel"])
+def test_mcgan_trains_and_accepts_a_partial_request(discriminator):
+    torch.manual_seed(0)
+    g = MCGAN(TWO_GROUPS, MCGANConfig(discriminator=discriminator, **TINY_MC))
+    trainer = g.Trainer(g)
+    assert isinstance(trainer.d, ProjectionDiscriminator) == (discriminator == "projection")
+    real = torch.rand(8, 3, 32, 32) * 2 - 1
+    cond = torch.from_numpy(np.stack([TWO_GROUPS.encode(c) for c in TWO_GROUPS.combinations()] * 2)[:8])
+    losses = [trainer.step(real, cond) for _ in range(4)]
+    assert all(np.isfinite(v) for step in losses for v in step.values())
+    assert losses[0]["loss_g"] != losses[-1]["loss_g"]
+    images = g.sample({"colour": "Black"}, 3, seed=1)  # type left out: drawn from "any"
+    assert images.shape == (3, 32, 32, 3)
+    with pytest.raises(Exception, match="unknown value"):
+        g.sample({"colour": "Purple"}, 1)
+
+
+def test_cgan_still_requires_every_single_label_group():
+    g = CGAN(TWO_GROUPS, CGANConfig(**TINY_MC))
+    with pytest.raises(Exception, match="missing attribute"):
+        g.sample({"colour": "Black"}, 1)

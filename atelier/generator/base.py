@@ -34,6 +34,7 @@ def family(name: str) -> type["ConditionalGenerator"]:
 class ConditionalGenerator(nn.Module):
     family: ClassVar[str]
     Config: ClassVar[type]  # a dataclass of architecture hyper-parameters
+    accepts_partial: ClassVar[bool] = False  # may a request leave a single-label group out?
 
     def __init__(self, schema: AttributeSchema, config: Any):
         super().__init__()
@@ -71,7 +72,7 @@ class ConditionalGenerator(nn.Module):
 
     def sample(self, attributes: Mapping[str, AttributeValues], n: int, seed: int = 0) -> np.ndarray:
         """n images of the item described by `attributes`, reproducible for a given seed."""
-        condition = self.schema.encode(attributes)
+        condition = self.schema.encode(attributes, require_all=not self.accepts_partial)
         return self.sample_conditions(np.repeat(condition[None], n, axis=0), sample_seeds(seed, n))
 
 

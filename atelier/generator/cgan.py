@@ -5,7 +5,8 @@ with z; a linear layer makes a `base x base` feature map, then transposed convol
 it up to `image_size`. Discriminator: the condition is embedded, mapped by a linear layer to
 H*W values and appended to the image as one extra channel; strided convolutions then a linear
 real/fake logit. Loss: the non-saturating GAN loss (BCE on logits) with one-sided label
-smoothing; Adam 2e-4, beta1 0.5 (the seed's settings).
+smoothing; Adam 2e-4, beta1 0.5 (the seed's settings). The hinge loss is an option (it is
+the usual partner of the projection discriminator in atelier.generator.mcgan).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class CGANConfig:
     d_width: int = 64  # channels of the first discriminator block; doubles per block
     lr: float = 2e-4
     beta1: float = 0.5
-    real_label: float = 0.9  # one-sided label smoothing keeps D from saturating early
+    real_label: float = 0.9  # one-sided label smoothing keeps D from saturating early (bce only)
+    loss: str = "bce"  # "bce" (non-saturating) or "hinge"
 
 
 def upsampling_plan(image_size: int) -> tuple[int, int]:
@@ -51,13 +53,16 @@ def upsampling_plan(image_size: int) -> tuple[int, int]:
 class CGAN(ConditionalGenerator):
     family = "cgan"
     Config = CGANConfig
+    learn_any = False  # see ConditionEmbedding
 
     def __init__(self, schema: AttributeSchema, config: CGANConfig | None = None):
         config = config or CGANConfig()
         super().__init__(schema, config)
         self.base, doublings = upsampling_plan(config.image_size)
         widths = [config.g_width * 2 ** (doublings - i) for i in range(doublings + 1)]
-        self.embed = ConditionEmbedding(schema, config.embed_dim)
+        if config.loss not in LOSSES:
+            raise ValueError(f"unknown loss {config.loss!r}; allowed: {', '.join(LOSSES)}")
+        self.embed = ConditionEmbedding(schema, config.embed_dim, learn_any=self.learn_any)
         self.project = nn.Sequential(
             nn.Linear(config.latent_dim + self.embed.out_dim, widths[0] * self.base**2, bias=False),
             nn.BatchNorm1d(widths[0] * self.base**2),
@@ -76,13 +81,20 @@ class CGAN(ConditionalGenerator):
         h = h.view(len(z), self.widths[0], self.base, self.base)
         return self.to_image(self.blocks(h))
 
+    def make_discriminator(self) -> nn.Module:
+        return Discriminator(self.schema, self.config)
+
+    def training_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        """The condition a training step uses (families may drop groups here)."""
+        return condition
+
 
 class Discriminator(nn.Module):
-    def __init__(self, schema: AttributeSchema, config: CGANConfig):
+    def __init__(self, schema: AttributeSchema, config: CGANConfig, learn_any: bool = False):
         super().__init__()
         size = config.image_size
         self.size = size
-        self.embed = ConditionEmbedding(schema, config.embed_dim)
+        self.embed = ConditionEmbedding(schema, config.embed_dim, learn_any=learn_any)
         self.condition_map = nn.Linear(self.embed.out_dim, size * size)
         layers, w_in, w = [], config.channels + 1, config.d_width
         spatial = size
@@ -108,33 +120,48 @@ def init_dcgan(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def discriminator_loss(kind: str, real_logits, fake_logits, real_label: float) -> torch.Tensor:
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, real_label)) + \
+        F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+
+
+def generator_loss(kind: str, gen_logits) -> torch.Tensor:
+    if kind == "hinge":
+        return -gen_logits.mean()
+    return F.binary_cross_entropy_with_logits(gen_logits, torch.ones_like(gen_logits))
+
+
+LOSSES = ("bce", "hinge")
+
+
 class CGANTrainer:
     """One adversarial step at a time; owns D and both optimisers."""
 
-    def __init__(self, generator: CGAN, discriminator: Discriminator | None = None):
+    def __init__(self, generator: CGAN, discriminator: nn.Module | None = None):
         cfg = generator.config
         self.g = generator
-        self.d = discriminator or Discriminator(generator.schema, cfg)
+        device = next(generator.parameters()).device
+        self.d = (discriminator or generator.make_discriminator()).to(device)
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-        self.real_label = cfg.real_label
+        self.loss, self.real_label = cfg.loss, cfg.real_label
 
     def step(self, real: torch.Tensor, condition: torch.Tensor) -> dict[str, float]:
-        n = len(real)
-        z = torch.randn(n, self.g.latent_dim, device=real.device)
+        condition = self.g.training_condition(condition)
+        z = torch.randn(len(real), self.g.latent_dim, device=real.device)
         fake = self.g(z, condition)
 
         self.opt_d.zero_grad(set_to_none=True)
         real_logits = self.d(real, condition)
         fake_logits = self.d(fake.detach(), condition)
-        loss_d = F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, self.real_label)) + \
-            F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+        loss_d = discriminator_loss(self.loss, real_logits, fake_logits, self.real_label)
         loss_d.backward()
         self.opt_d.step()
 
         self.opt_g.zero_grad(set_to_none=True)
-        gen_logits = self.d(fake, condition)
-        loss_g = F.binary_cross_entropy_with_logits(gen_logits, torch.ones_like(gen_logits))
+        loss_g = generator_loss(self.loss, self.d(fake, condition))
         loss_g.backward()
         self.opt_g.step()
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),

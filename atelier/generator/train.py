@@ -45,12 +45,14 @@ class TrainConfig:
     image_size: int | None = None  # None: the catalogue's own size
     seed: int = 0
     threads: int | None = None
-    resume: bool = False
+    resume: bool = False  # continue the run whose checkpoint is at `out`
+    init: Path | None = None  # start from another checkpoint's weights (fine-tune) into `out`
     grid_rows: int = 8
     model_overrides: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     command: str | None = None  # recorded in the manifest
     device: str = "auto"  # cpu, cuda, or auto (cuda when available)
+    log_epochs: bool = True  # one summary line per epoch on stderr, even without the progress bar
 
 
 def prepare_data(catalogue: Catalogue, split: str | None, limit: int | None, image_size: int | None):
@@ -117,20 +119,29 @@ def train(cfg: TrainConfig) -> Path:
 
     cls = family(cfg.model)
     start_epoch, images_seen, elapsed_before = 0, 0, 0.0
-    if cfg.resume and Path(cfg.out).exists():
-        model, manifest = load_generator(cfg.out)
+    init_record: dict[str, Any] = {}
+    source = cfg.out if cfg.resume and Path(cfg.out).exists() else cfg.init
+    if source is not None:
+        model, manifest = load_generator(source)
         if model.family != cfg.model:
-            raise ValueError(f"{cfg.out} holds a {model.family!r} model, cannot resume it as {cfg.model!r}")
+            raise ValueError(f"{source} holds a {model.family!r} model, not {cfg.model!r}")
         difference = model.schema.describe_difference(catalogue.schema)
         if difference:
-            raise ValueError(f"cannot resume on this catalogue: {difference}")
+            raise ValueError(f"{source} was trained on another schema: {difference}")
+        changed = {k: v for k, v in cfg.model_overrides.items() if getattr(model.config, k, v) != v}
+        if changed:
+            raise ValueError(f"cannot change {sorted(changed)} of the model loaded from {source}")
         model.to(device).train()
         trainer = cls.Trainer(model)
         for name, module in trainer.extra_state().items():
-            load_extra(cfg.out, name, module)
+            load_extra(source, name, module)
         done = manifest.get("training", {})
-        start_epoch, images_seen = int(done.get("epochs", 0)), int(done.get("images_seen", 0))
-        elapsed_before = float(done.get("seconds", 0.0))
+        if source == cfg.out:  # resume: the counts go on
+            start_epoch, images_seen = int(done.get("epochs", 0)), int(done.get("images_seen", 0))
+            elapsed_before = float(done.get("seconds", 0.0))
+            init_record = done.get("init_from", {})
+        else:
+            init_record = {"path": str(source), "weights_sha256": manifest["weights_sha256"], "training": done}
     else:
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         bad = set(cfg.model_overrides) - fields
@@ -161,6 +172,8 @@ def train(cfg: TrainConfig) -> Path:
             "seed": cfg.seed, "losses": last_losses, "grid_columns": grid_columns,
             "command": cfg.command or " ".join(sys.argv), "machine": machine_description(),
         }
+        if init_record:
+            training["init_from"] = init_record
         return save_checkpoint(model, cfg.out, training, extra=trainer.extra_state(), files={"samples.png": png})
 
     for epoch in range(start_epoch, start_epoch + cfg.epochs):
@@ -183,7 +196,7 @@ def train(cfg: TrainConfig) -> Path:
         if any(not np.isfinite(v) for v in last_losses.values()):
             raise FloatingPointError(f"epoch {epoch + 1}: losses became non-finite {last_losses}; last checkpoint kept")
         checkpoint(epoch + (0 if stopped_early and i + 1 < steps_per_epoch else 1))
-        if cfg.progress:
+        if cfg.progress or cfg.log_epochs:
             rate = images_seen / max(elapsed_before + time.perf_counter() - start, 1e-9)
             print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_losses.items())
                   + f", {rate:.0f} img/s -> {cfg.out}", file=sys.stderr)

@@ -141,11 +141,12 @@ class RetrievalService:
             raise InvalidRequest(f"num_samples x top_k = {n * k} exceeds the limit {lim.max_candidates}")
         if not request.attributes:
             raise InvalidRequest("no attributes given; " + describe_allowed(self.schema))
+        model = self.models[name]
         try:
-            attributes = self.schema.normalise(request.attributes)
+            attributes = self.schema.normalise(request.attributes, require_all=not model.generator.accepts_partial)
         except InvalidAttributes as error:
             raise InvalidRequest(str(error)) from None
-        return self.models[name], attributes, n, k
+        return model, attributes, n, k
 
     def generate_and_retrieve(self, request: RetrievalRequest) -> RetrievalResult:
         timings: dict[str, float] = {}
@@ -160,7 +161,7 @@ class RetrievalService:
         model, attributes, n, k = self.validate(request)
         seed = request.seed if request.seed is not None else random.getrandbits(63)
         lap("validate")
-        condition = self.schema.encode(attributes)
+        condition = self.schema.encode(attributes, require_all=False)  # validate() applied the model's rule
         images = model.generator.sample_conditions(np.repeat(condition[None], n, axis=0), sample_seeds(seed, n))
         lap("generate")
         queries = self.embedder.embed(images)
