@@ -110,7 +110,8 @@ def cmd_query(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from atelier.demo import run_demo
 
-    run_demo(args.out, train_seconds=args.train_seconds, init=args.init, from_scratch=args.from_scratch,
+    run_demo(args.out, dataset=args.dataset, train_seconds=args.train_seconds, init=args.init,
+             from_scratch=args.from_scratch,
              checkpoint=args.checkpoint, source=args.source, num_samples=args.num_samples, input_size=args.input_size)
 
 
@@ -188,14 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_query)
 
-    p = verbs.add_parser("demo", help="Fashion-MNIST end to end: import, train, index, serve, query, report")
+    p = verbs.add_parser("demo", help="end to end: import, train (or fine-tune), index, serve, query, report")
+    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "fashion-product-images"],
+                   help="fashion-mnist (10 classes, default) or fashion-product-images (type x colour; needs --data)")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for artifacts and report (default demo-out)")
     p.add_argument("--train-seconds", type=float, default=120.0, help="training budget in seconds (default 120)")
     p.add_argument("--init", type=Path, metavar="CHECKPOINT",
-                   help="fine-tune from this checkpoint (default: the committed checkpoints/cgan-fashion-mnist, if present)")
+                   help="fine-tune from this checkpoint (default: the dataset's committed one under checkpoints/, if present)")
     p.add_argument("--from-scratch", action="store_true", help="train from random weights instead of --init")
     p.add_argument("--checkpoint", type=Path, help="serve this checkpoint as it is (no training)")
-    p.add_argument("--source", type=Path, help="folder holding the Fashion-MNIST IDX files")
+    p.add_argument("--data", "--source", dest="source", type=Path,
+                   help="dataset folder: the Fashion-MNIST IDX files (default: Debian's package), or Fashion "
+                        "Product Images (the Parquet copy, or styles.csv + images/)")
     p.add_argument("--num-samples", type=int, default=8, help="images generated per query (default 8)")
     p.add_argument("--input-size", type=int, default=64, help="embedder input size (default 64)")
     p.set_defaults(func=cmd_demo)

@@ -1,8 +1,9 @@
-"""`atelier demo`: the whole product on Fashion-MNIST, in one command.
+"""`atelier demo`: the whole product in one command, on Fashion-MNIST or Fashion Product Images.
 
-import the catalogue -> train the CGAN within a time budget (or take a checkpoint) -> index the
-catalogue -> start the real gRPC server on a free localhost port -> GenerateAndRetrieve for
-each class through the gRPC client -> a table, precision@5, an HTML report and the sample grid.
+import the catalogue(s) -> train the generator within a time budget (fine-tuning the committed
+checkpoint when there is one) or take a checkpoint as is -> index the catalogue -> start the
+real gRPC server on a free localhost port -> GenerateAndRetrieve for each query through the
+gRPC client -> a table, attribute precision@k per group, an HTML report and the sample grid.
 """
 
 from __future__ import annotations
@@ -12,22 +13,79 @@ import html
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue
-from atelier.catalog.fashion_mnist import CLASS_NAMES, import_fashion_mnist
 from atelier.generator.train import TrainConfig, train
 from atelier.indexer.runner import reindex
 from atelier.retrieval.service import RetrievalService
 from atelier.server.app import start_server
 from atelier.server.client import AtelierClient
 
-TOP_K = 5
-DEFAULT_INIT = Path(__file__).resolve().parents[1] / "checkpoints" / "cgan-fashion-mnist"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+@dataclass(frozen=True)
+class DemoDataset:
+    name: str
+    model: str  # generator family
+    checkpoint: str  # committed checkpoint folder name under checkpoints/
+    top_k: int
+    import_train: Callable[[Path, Path | None], Catalogue]  # (dest, source) -> the training catalogue
+    import_index: Callable[[Path, Path | None], Catalogue] | None  # the catalogue to index; None: the same
+    queries: Callable[[Catalogue], list[dict[str, str]]]
+
+
+def _fashion_mnist_import(dest: Path, source: Path | None) -> Catalogue:
+    from atelier.catalog.fashion_mnist import import_fashion_mnist
+
+    return import_fashion_mnist(dest, source)
+
+
+def _fpi_import(selection: str) -> Callable[[Path, Path | None], Catalogue]:
+    def run(dest: Path, source: Path | None) -> Catalogue:
+        from atelier.catalog.fashion_product_images import import_fashion_product_images
+
+        if source is None:
+            raise ValueError("--data is needed: a folder with the Fashion Product Images (Parquet copy or styles.csv + images/)")
+        return import_fashion_product_images(source, dest, selection=selection)
+
+    return run
+
+
+def _every_class(catalogue: Catalogue) -> list[dict[str, str]]:
+    group = catalogue.schema.groups[0]
+    return [{group.name: v} for v in group.values]
+
+
+def _commonest_combinations(n: int) -> Callable[[Catalogue], list[dict[str, str]]]:
+    """The n type x colour combinations with the most products (ties by name): real requests."""
+    def run(catalogue: Catalogue) -> list[dict[str, str]]:
+        names = list(catalogue.schema.names)
+        rows = catalogue.attributes().select(names).to_pylist()
+        counts: dict[tuple, int] = {}
+        for row in rows:
+            key = tuple(row[g] for g in names)
+            counts[key] = counts.get(key, 0) + 1
+        best = sorted(counts, key=lambda k: (-counts[k], k))[:n]
+        return [dict(zip(names, key)) for key in best]
+
+    return run
+
+
+DATASETS = {
+    "fashion-mnist": DemoDataset("fashion-mnist", "cgan", "cgan-fashion-mnist", 5, _fashion_mnist_import, None,
+                                 _every_class),
+    "fashion-product-images": DemoDataset("fashion-product-images", "mcgan", "mcgan-fpi-apparel", 10,
+                                          _fpi_import("apparel-6x6"), _fpi_import("apparel-6x6-all"),
+                                          _commonest_combinations(20)),
+}
 
 
 def _say(message: str) -> None:
@@ -43,121 +101,170 @@ def _index_is_current(index: Path, catalogue: Catalogue, input_size: int) -> boo
             and manifest["embedder"]["input_size"] == input_size)
 
 
-def run_demo(out: Path, train_seconds: float = 120.0, init: Path | None = None, from_scratch: bool = False,
-             checkpoint: Path | None = None, source: Path | None = None, num_samples: int = 8, input_size: int = 64,
-             seed: int = 0) -> dict:
+def _catalogue(folder: Path, importer: Callable, source: Path | None, what: str) -> Catalogue:
+    if (folder / "manifest.json").exists():
+        catalogue = Catalogue.open(folder)
+        _say(f"{what}: reusing {folder} ({len(catalogue)} products)")
+        return catalogue
+    _say(f"{what}: importing into {folder}")
+    catalogue = importer(folder, source)
+    _say(f"{what}: {len(catalogue)} products")
+    return catalogue
+
+
+def run_demo(out: Path, dataset: str = "fashion-mnist", train_seconds: float = 120.0, init: Path | None = None,
+             from_scratch: bool = False, checkpoint: Path | None = None, source: Path | None = None,
+             num_samples: int = 8, input_size: int = 64, seed: int = 0) -> dict:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown demo dataset {dataset!r}; available: {', '.join(DATASETS)}")
+    spec = DATASETS[dataset]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    catalogue_dir = out / "catalogue"
-    if (catalogue_dir / "manifest.json").exists():
-        catalogue = Catalogue.open(catalogue_dir)
-        _say(f"catalogue: reusing {catalogue_dir} ({len(catalogue)} products)")
+    train_dir = out / "catalogue"
+    train_catalogue = _catalogue(train_dir, spec.import_train, source, "catalogue")
+    if spec.import_index is None:
+        index_catalogue_dir, index_catalogue = train_dir, train_catalogue
     else:
-        _say("catalogue: importing Fashion-MNIST (70,000 products, official train/test split)")
-        catalogue = import_fashion_mnist(catalogue_dir, source)
+        index_catalogue_dir = out / "catalogue-index"
+        index_catalogue = _catalogue(index_catalogue_dir, spec.import_index, source, "index catalogue")
 
     if checkpoint is not None:
         model_dir = Path(checkpoint)
-        _say(f"model: using the trained checkpoint {model_dir}")
+        _say(f"model: serving the checkpoint {model_dir} as it is")
     else:
         model_dir = out / "model"
+        default_init = CHECKPOINTS / spec.checkpoint
         if from_scratch:
             init = None
-        elif init is None and DEFAULT_INIT.exists():
-            init = DEFAULT_INIT
+        elif init is None and default_init.exists():
+            init = default_init
         elif init is not None and not Path(init).exists():
             raise FileNotFoundError(f"--init {init} does not exist")
-        start = f"fine-tuning {init}" if init else "training the CGAN from scratch"
+        start = f"fine-tuning {init}" if init else f"training the {spec.model} from scratch"
         _say(f"model: {start} on the train split for at most {train_seconds:.0f} s")
-        train(TrainConfig(catalogue=catalogue_dir, out=model_dir, model="cgan", epochs=1000, init=init,
-                          max_seconds=train_seconds, seed=seed, command=f"atelier demo --train-seconds {train_seconds}"
+        train(TrainConfig(catalogue=train_dir, out=model_dir, model=spec.model, epochs=1000, init=init,
+                          max_seconds=train_seconds, seed=seed,
+                          command=f"atelier demo --dataset {dataset} --train-seconds {train_seconds}"
                           + (f" --init {init}" if init else " --from-scratch")))
     grid = out / "grid.png"
     shutil.copyfile(artifacts.resolve(model_dir) / "samples.png", grid)
 
     index_dir = out / "index"
-    if _index_is_current(index_dir, catalogue, input_size):
+    if _index_is_current(index_dir, index_catalogue, input_size):
         _say(f"index: reusing {index_dir}")
     else:
-        _say(f"index: embedding {len(catalogue)} products with mobilenet_v2 at {input_size} px")
-        reindex(catalogue_dir, index_dir, input_size=input_size)
+        _say(f"index: embedding {len(index_catalogue)} products with mobilenet_v2 at {input_size} px")
+        reindex(index_catalogue_dir, index_dir, input_size=input_size)
 
-    service = RetrievalService.open(index_dir, {"cgan": model_dir})
+    service = RetrievalService.open(index_dir, {spec.model: model_dir})
     server = start_server(service)
     _say(f"server: listening on {server.target}")
+    queries = spec.queries(train_catalogue)
     rows = []
     try:
         with AtelierClient(server.target) as client:
             client.wait_ready()
             health = client.health()
-            for i, name in enumerate(CLASS_NAMES):
-                response = client.generate_and_retrieve({"category": name}, num_samples=num_samples, top_k=TOP_K,
+            for i, asked in enumerate(queries):
+                response = client.generate_and_retrieve(asked, num_samples=num_samples, top_k=spec.top_k,
                                                         seed=seed + i, return_images=True)
                 rows.append({
-                    "asked": name,
-                    "products": [{"id": p.id, "score": round(p.score, 4), "category": p.attributes["category"].values[0]}
-                                 for p in response.products],
+                    "asked": asked,
+                    "products": [{"id": p.id, "score": round(p.score, 4),
+                                  **{g: "|".join(p.attributes[g].values) for g in asked}} for p in response.products],
                     "images": [im.png for im in response.images],
                     "timings_ms": {t.stage: round(t.milliseconds, 2) for t in response.timings},
                 })
     finally:
         server.stop()
 
-    hits = sum(p["category"] == r["asked"] for r in rows for p in r["products"])
-    precision = hits / (len(rows) * TOP_K)
+    precision = attribute_precision(rows)
     print()
-    print(format_table(rows))
-    print(f"\nprecision@{TOP_K}: {precision:.3f}")
+    print(format_table(rows, spec.top_k))
+    print()
+    for group, value in precision.items():
+        label = f"precision@{spec.top_k}" if len(precision) == 1 else f"precision@{spec.top_k} {group}"
+        print(f"{label}: {value:.3f}")
     results = {
-        "precision_at_5": precision, "health": health, "num_samples": num_samples, "input_size": input_size,
-        "model": str(model_dir), "model_training": artifacts.read_manifest(artifacts.resolve(model_dir), verify=False).get("training", {}),
+        "dataset": dataset, "precision_at_k": precision, "top_k": spec.top_k, "health": health,
+        "num_samples": num_samples, "input_size": input_size, "index_products": len(index_catalogue),
+        "model": str(model_dir),
+        "model_training": artifacts.read_manifest(artifacts.resolve(model_dir), verify=False).get("training", {}),
         "seconds": round(time.perf_counter() - started, 1),
         "queries": [{k: v for k, v in r.items() if k != "images"} for r in rows],
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_report(out / "report.html", rows, catalogue, precision, grid)
+    write_report(out / "report.html", rows, index_catalogue, precision, spec.top_k, grid)
     _say(f"report: {out / 'report.html'}; grid: {grid}; results: {out / 'results.json'} ({results['seconds']} s in all)")
     return results
 
 
-def format_table(rows: list[dict]) -> str:
-    width = max(len(r["asked"]) for r in rows)
-    lines = [f"{'class asked':<{width}} | classes of the top-{TOP_K} products", f"{'-' * width}-+-{'-' * 60}"]
+def attribute_precision(rows: list[dict]) -> dict[str, float]:
+    """Per asked group: the fraction of returned products whose value equals the one asked;
+    with several groups also `all` (products matching every asked value)."""
+    groups = list(rows[0]["asked"])
+    hits = {g: 0 for g in groups}
+    hits_all, total = 0, 0
     for r in rows:
-        cells = [p["category"] if p["category"] == r["asked"] else p["category"].upper() for p in r["products"]]
-        lines.append(f"{r['asked']:<{width}} | " + ", ".join(cells))
-    lines.append("(a class in CAPITALS differs from the one asked)")
+        for p in r["products"]:
+            total += 1
+            matches = [p[g] == r["asked"][g] for g in groups]
+            hits_all += all(matches)
+            for g, ok in zip(groups, matches):
+                hits[g] += ok
+    result = {g: hits[g] / total for g in groups}
+    if len(groups) > 1:
+        result["all"] = hits_all / total
+    return result
+
+
+def format_table(rows: list[dict], top_k: int) -> str:
+    def cell(product: dict, asked: dict) -> str:
+        return "/".join(product[g] if product[g] == v else product[g].upper() for g, v in asked.items())
+
+    asked_labels = ["/".join(r["asked"].values()) for r in rows]
+    width = max(len(a) for a in asked_labels)
+    header = "/".join(rows[0]["asked"])
+    lines = [f"{header + ' asked':<{width}} | {header} of the top-{top_k} products", f"{'-' * width}-+-{'-' * 60}"]
+    for label, r in zip(asked_labels, rows):
+        lines.append(f"{label:<{width}} | " + ", ".join(cell(p, r["asked"]) for p in r["products"]))
+    lines.append("(a value in CAPITALS differs from the one asked)")
     return "\n".join(lines)
 
 
 def _img(png: bytes, title: str = "") -> str:
-    return (f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" title="{html.escape(title)}">')
+    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" title="{html.escape(title)}">'
 
 
-def write_report(path: Path, rows: list[dict], catalogue: Catalogue, precision: float, grid: Path) -> None:
+def write_report(path: Path, rows: list[dict], catalogue: Catalogue, precision: dict[str, float], top_k: int,
+                 grid: Path) -> None:
     wanted = {p["id"] for r in rows for p in r["products"]}
     table = catalogue.read(["id", "image"])
     table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(sorted(wanted))))
     product_png = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist()))
     body = []
     for r in rows:
+        asked = ", ".join(f"{g}={v}" for g, v in r["asked"].items())
         generated = "".join(_img(png, "generated") for png in r["images"])
         found = "".join(
-            f'<figure class="{"hit" if p["category"] == r["asked"] else "miss"}">{_img(product_png[p["id"]], p["id"])}'
-            f'<figcaption>{html.escape(p["category"])}<br>{p["score"]:.3f}</figcaption></figure>'
+            f'<figure class="{"hit" if all(p[g] == v for g, v in r["asked"].items()) else "miss"}">'
+            f'{_img(product_png[p["id"]], p["id"])}<figcaption>'
+            f'{html.escape("/".join(p[g] for g in r["asked"]))}<br>{p["score"]:.3f}</figcaption></figure>'
             for p in r["products"]
         )
-        body.append(f"<tr><th>{html.escape(r['asked'])}</th><td>{generated}</td><td>{found}</td></tr>")
-    path.write_text(f"""<!doctype html><meta charset="utf-8"><title>atelier demo</title>
+        body.append(f"<tr><th>{html.escape(asked)}</th><td>{generated}</td><td>{found}</td></tr>")
+    scores = ", ".join(f"{g} {v:.3f}" for g, v in precision.items())
+    path.write_text(f"""<!doctype html><meta charset="utf-8"><title>atelier demo: {html.escape(catalogue.name)}</title>
 <style>body{{font-family:sans-serif}} img{{width:56px;image-rendering:pixelated;margin:1px}}
 figure{{display:inline-block;margin:2px;text-align:center;font-size:11px}} .hit img{{outline:2px solid #2a2}}
 .miss img{{outline:2px solid #c22}} td,th{{border-bottom:1px solid #ddd;padding:4px;text-align:left}}
 #grid{{width:auto;image-rendering:pixelated;zoom:2}}</style>
-<h1>atelier demo: Fashion-MNIST</h1>
-<p>precision@{TOP_K}: <b>{precision:.3f}</b> (fraction of the top-{TOP_K} products whose class is the class asked)</p>
-<table><tr><th>asked</th><th>generated images</th><th>top-{TOP_K} catalogue products (green: same class)</th></tr>
+<h1>atelier demo: {html.escape(catalogue.name)}</h1>
+<p>attribute precision@{top_k} (fraction of the top-{top_k} products whose value is the one asked): <b>{scores}</b></p>
+<table><tr><th>asked</th><th>generated images</th><th>top-{top_k} catalogue products (green: every value as asked)</th></tr>
 {''.join(body)}</table>
-<h2>Sample grid (one column per class)</h2>{_img(grid.read_bytes(), "grid").replace("<img", '<img id="grid"')}
+<h2>Sample grid (one column per value of the first attribute)</h2>{_img(grid.read_bytes(), "grid").replace("<img", '<img id="grid"')}
 """)
+

@@ -45,3 +45,13 @@ def test_decode_rejects_wrong_length_and_combinations_cover_all():
     with pytest.raises(ValueError):
         SCHEMA.decode(np.zeros(4))
     assert len(SCHEMA.combinations()) == 3
+
+
+def test_a_selection_fits_within_a_wider_schema_but_not_the_reverse():
+    wider = AttributeSchema((AttributeGroup("category", ("Dress", "Shirt", "Coat", "other")), SCHEMA.groups[1],
+                             AttributeGroup("season", ("Summer", "Winter"))))
+    assert SCHEMA.fits_within(wider) is None
+    assert "'category' has values ['other']" in AttributeSchema(wider.groups[:1]).fits_within(SCHEMA)
+    assert "'season' is not in the other schema" in AttributeSchema(wider.groups[2:]).fits_within(SCHEMA)
+    flipped = AttributeSchema((AttributeGroup("texture", ("floral",)),))
+    assert "multi-label in one schema" in flipped.fits_within(SCHEMA)

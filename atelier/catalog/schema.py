@@ -150,6 +150,23 @@ class AttributeSchema:
     def from_dict(cls, data: Mapping[str, Any]) -> "AttributeSchema":
         return cls(tuple(AttributeGroup(g["name"], tuple(g["values"]), bool(g.get("multi_label", False))) for g in data["groups"]))
 
+    def fits_within(self, other: "AttributeSchema") -> str | None:
+        """None when every group here is in `other` with the same kind and a subset of its values.
+
+        A model trained on a selection (e.g. six colours) can then serve an index whose catalogue
+        carries more (those six plus `other`); a request is validated against the model's schema.
+        """
+        for g in self.groups:
+            if g.name not in other.names:
+                return f"attribute {g.name!r} is not in the other schema (groups: {', '.join(other.names)})"
+            theirs = other.group(g.name)
+            if theirs.multi_label != g.multi_label:
+                return f"attribute {g.name!r} is multi-label in one schema and single-label in the other"
+            extra = [v for v in g.values if v not in theirs.values]
+            if extra:
+                return f"attribute {g.name!r} has values {extra} that the other schema lacks"
+        return None
+
     def describe_difference(self, other: "AttributeSchema") -> str | None:
         """None when equal, else a sentence saying how the two schemas differ."""
         if self == other:

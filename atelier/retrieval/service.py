@@ -1,6 +1,6 @@
 """GenerateAndRetrieve, in process: attributes -> generated images -> vectors -> products.
 
-    validate  the attributes against the index's schema, the model name, the bounds
+    validate  the model name, the attributes against that model's schema, the bounds
     generate  `num_samples` images with the requested model, z drawn from the request seed
     embed     them with the index's own embedder (same name, input size and weights hash)
     search    each sample's top_k nearest products in FAISS (one batched search)
@@ -111,7 +111,7 @@ class RetrievalService:
         models = {}
         for name, path in model_paths.items():
             generator, manifest = load_generator(path)
-            difference = generator.schema.describe_difference(index.schema)
+            difference = generator.schema.fits_within(index.schema)
             if difference:
                 raise IncompatibleArtifacts(f"model {name!r} ({path}) does not fit index {index.path}: {difference}")
             models[name] = LoadedModel(name, generator, manifest)
@@ -119,7 +119,8 @@ class RetrievalService:
 
     @property
     def schema(self) -> AttributeSchema:
-        return self.index.schema
+        """What can be asked: the default model's schema (models fit within the index's)."""
+        return self.models[self.default_model].generator.schema
 
     @property
     def default_model(self) -> str:
@@ -139,11 +140,12 @@ class RetrievalService:
             raise InvalidRequest(f"top_k {k} out of range: allowed 1..{lim.max_top_k} (0 = {lim.default_top_k})")
         if n * k > lim.max_candidates:
             raise InvalidRequest(f"num_samples x top_k = {n * k} exceeds the limit {lim.max_candidates}")
-        if not request.attributes:
-            raise InvalidRequest("no attributes given; " + describe_allowed(self.schema))
         model = self.models[name]
+        schema = model.generator.schema
+        if not request.attributes:
+            raise InvalidRequest("no attributes given; " + describe_allowed(schema))
         try:
-            attributes = self.schema.normalise(request.attributes, require_all=not model.generator.accepts_partial)
+            attributes = schema.normalise(request.attributes, require_all=not model.generator.accepts_partial)
         except InvalidAttributes as error:
             raise InvalidRequest(str(error)) from None
         return model, attributes, n, k
@@ -161,7 +163,7 @@ class RetrievalService:
         model, attributes, n, k = self.validate(request)
         seed = request.seed if request.seed is not None else random.getrandbits(63)
         lap("validate")
-        condition = self.schema.encode(attributes, require_all=False)  # validate() applied the model's rule
+        condition = model.generator.schema.encode(attributes, require_all=False)  # validate() applied the rules
         images = model.generator.sample_conditions(np.repeat(condition[None], n, axis=0), sample_seeds(seed, n))
         lap("generate")
         queries = self.embedder.embed(images)
