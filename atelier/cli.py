@@ -26,9 +26,23 @@ def _override(text: str) -> tuple[str, object]:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from atelier.catalog.fashion_mnist import import_fashion_mnist
+    if args.dataset == "fashion-mnist":
+        from atelier.catalog.fashion_mnist import import_fashion_mnist
 
-    catalogue = import_fashion_mnist(args.out, args.source)
+        catalogue = import_fashion_mnist(args.out, args.source)
+    elif args.dataset == "fashion-product-images":
+        from atelier.catalog.fashion_product_images import import_fashion_product_images
+
+        if args.source is None:
+            raise ValueError("--source is needed: the Parquet copy or a folder with styles.csv + images/")
+        catalogue = import_fashion_product_images(args.source, args.out, args.selection, args.size,
+                                                  limit=args.limit, progress=not args.quiet)
+    else:
+        from atelier.catalog.deepfashion import import_deepfashion
+
+        if args.source is None:
+            raise ValueError("--source is needed: the DeepFashion folder holding Anno/, Eval/ and img/")
+        catalogue = import_deepfashion(args.source, args.out, size=args.size, limit=args.limit, progress=not args.quiet)
     print(f"{catalogue.name}: {len(catalogue)} products -> {args.out} (fingerprint {catalogue.fingerprint[:12]})")
 
 
@@ -124,9 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("import", help="import a dataset as a catalogue (Parquet + manifest)")
-    p.add_argument("dataset", choices=["fashion-mnist"], help="which dataset")
+    p.add_argument("dataset", choices=["fashion-mnist", "fashion-product-images", "deepfashion"], help="which dataset")
     p.add_argument("--out", type=Path, required=True, help="catalogue folder to publish")
-    p.add_argument("--source", type=Path, help="folder holding the IDX files (default: Debian's package, then download)")
+    p.add_argument("--source", type=Path,
+                   help="dataset folder: Fashion-MNIST IDX files (default: Debian's package, then download); "
+                        "Fashion Product Images as Parquet or styles.csv + images/; DeepFashion's root")
+    p.add_argument("--selection", default="apparel-6x6",
+                   help="Fashion Product Images attribute selection: apparel-6x6 (default), wear-3x3, "
+                        "apparel-6x6-all, full (see atelier/catalog/fashion_product_images.py)")
+    p.add_argument("--size", type=int, default=64, help="square image size in px (default 64; Fashion-MNIST stays 28)")
+    p.add_argument("--limit", type=int, help="import the first N products only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_import)
 
     from atelier.generator.base import FAMILIES

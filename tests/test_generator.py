@@ -130,3 +130,13 @@ def test_cgan_still_requires_every_single_label_group():
     g = CGAN(TWO_GROUPS, CGANConfig(**TINY_MC))
     with pytest.raises(Exception, match="missing attribute"):
         g.sample({"colour": "Black"}, 1)
+
+
+def test_mode_seeking_pairs_fakes_and_reports_their_distance():
+    torch.manual_seed(0)
+    g = CGAN(SCHEMA, CGANConfig(mode_seeking=1.0, **TINY))
+    trainer = CGANTrainer(g)
+    real = torch.rand(16, 1, 28, 28) * 2 - 1
+    cond = torch.eye(10)[torch.arange(16) % 10]
+    losses = [trainer.step(real, cond) for _ in range(3)]
+    assert all(step["ms_ratio"] > 0 and np.isfinite(step["loss_g"]) for step in losses)

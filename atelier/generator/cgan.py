@@ -34,6 +34,7 @@ class CGANConfig:
     beta1: float = 0.5
     real_label: float = 0.9  # one-sided label smoothing keeps D from saturating early (bce only)
     loss: str = "bce"  # "bce" (non-saturating) or "hinge"
+    mode_seeking: float = 0.0  # weight of MSGAN's mode-seeking term (against within-condition collapse)
 
 
 def upsampling_plan(image_size: int) -> tuple[int, int]:
@@ -146,25 +147,36 @@ class CGANTrainer:
         self.d = (discriminator or generator.make_discriminator()).to(device)
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-        self.loss, self.real_label = cfg.loss, cfg.real_label
+        self.loss, self.real_label, self.mode_seeking = cfg.loss, cfg.real_label, cfg.mode_seeking
 
     def step(self, real: torch.Tensor, condition: torch.Tensor) -> dict[str, float]:
         condition = self.g.training_condition(condition)
+        half = len(real) // 2
+        fake_condition = condition
+        if self.mode_seeking:  # fakes i and half + i share a condition: pairs for the mode-seeking term
+            fake_condition = torch.cat([condition[:half], condition[:half], condition[2 * half:]])
         z = torch.randn(len(real), self.g.latent_dim, device=real.device)
-        fake = self.g(z, condition)
+        fake = self.g(z, fake_condition)
 
         self.opt_d.zero_grad(set_to_none=True)
         real_logits = self.d(real, condition)
-        fake_logits = self.d(fake.detach(), condition)
+        fake_logits = self.d(fake.detach(), fake_condition)
         loss_d = discriminator_loss(self.loss, real_logits, fake_logits, self.real_label)
         loss_d.backward()
         self.opt_d.step()
 
         self.opt_g.zero_grad(set_to_none=True)
-        loss_g = generator_loss(self.loss, self.d(fake, condition))
+        loss_g = generator_loss(self.loss, self.d(fake, fake_condition))
+        stats = {}
+        if self.mode_seeking:
+            # MSGAN (Mao et al. 2019): two z under one condition should give two different images;
+            # penalise a small image distance per unit of z distance.
+            ratio = (fake[:half] - fake[half : 2 * half]).abs().mean() / (z[:half] - z[half : 2 * half]).abs().mean()
+            loss_g = loss_g + self.mode_seeking / (ratio + 1e-5)
+            stats["ms_ratio"] = ratio.item()
         loss_g.backward()
         self.opt_g.step()
-        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), **stats,
                 "d_real": torch.sigmoid(real_logits).mean().item(), "d_fake": torch.sigmoid(fake_logits).mean().item()}
 
     def extra_state(self) -> dict[str, nn.Module]:
