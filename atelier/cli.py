@@ -59,6 +59,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"checkpoint: {args.out} -> {folder}")
 
 
+def cmd_sample(args: argparse.Namespace) -> None:
+    from atelier.catalog.images import encode_png, image_grid
+    from atelier.generator import load_generator
+    from atelier.generator.train import attribute_grid
+
+    model, _ = load_generator(args.model)
+    fixed = dict(args.attr)
+    if args.rows:
+        grid, rows, columns = attribute_grid(model, args.rows, args.columns, args.seed, fixed)
+        print(f"rows ({args.rows}): {', '.join(rows)}\ncolumns ({args.columns}): {', '.join(columns)}")
+    else:
+        grid = image_grid(model.sample(fixed, args.n, args.seed), columns=min(args.n, 8))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(encode_png(grid))
+    print(f"grid: {args.out}")
+
+
 def cmd_index(args: argparse.Namespace) -> None:
     from atelier.indexer.runner import reindex
 
@@ -175,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    p = verbs.add_parser("sample", help="draw images from a checkpoint into a PNG grid")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint folder")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--rows", help="attribute group whose values make the rows (with --columns)")
+    p.add_argument("--columns", help="attribute group whose values make the columns (with --rows)")
+    p.add_argument("--attr", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
+                   help="fix an attribute (without --rows/--columns: the item to draw --n times)")
+    p.add_argument("--n", type=int, default=8, help="images without --rows/--columns (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
     p = verbs.add_parser("index", help="embed a catalogue's images and publish a FAISS index folder")
     p.add_argument("--catalogue", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="index folder to publish (atomically)")
@@ -230,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb == "sample" and bool(args.rows) != bool(args.columns):
+        parser.error("sample: --rows and --columns go together")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

@@ -140,3 +140,17 @@ def test_mode_seeking_pairs_fakes_and_reports_their_distance():
     cond = torch.eye(10)[torch.arange(16) % 10]
     losses = [trainer.step(real, cond) for _ in range(3)]
     assert all(step["ms_ratio"] > 0 and np.isfinite(step["loss_g"]) for step in losses)
+
+
+def test_attribute_grid_has_a_cell_per_value_pair():
+    from atelier.generator.train import attribute_grid
+
+    g = MCGAN(TWO_GROUPS, MCGANConfig(**TINY_MC))
+    with torch.no_grad():
+        for p in g.parameters():
+            p.normal_(0, 0.5)
+    grid, rows, columns = attribute_grid(g, "colour", "type", seed=3)
+    assert rows == ["Black", "White"] and columns == ["Topwear", "Bottomwear", "Shoes"]
+    assert grid.shape == (2 + 2 * 34, 2 + 3 * 34, 3)  # 32 px cells, 2 px padding
+    cell = lambda r, c: grid[2 + r * 34 : 34 + r * 34, 2 + c * 34 : 34 + c * 34]  # noqa: E731
+    assert not np.array_equal(cell(0, 0), cell(1, 0)) and not np.array_equal(cell(0, 0), cell(0, 1))

@@ -95,6 +95,21 @@ def sample_grid(model: ConditionalGenerator, conditions: np.ndarray, rows: int, 
     return image_grid(images, columns=len(conditions))
 
 
+def attribute_grid(model: ConditionalGenerator, rows: str, columns: str, seed: int = 0,
+                   fixed: dict[str, Any] | None = None) -> tuple[np.ndarray, list[str], list[str]]:
+    """One image per (row value, column value) of two attribute groups, e.g. colours x types.
+
+    Other groups take the values in `fixed`, or are left out (models with an "any" embedding).
+    Every cell uses the same z, so the grid shows what the attributes change.
+    """
+    schema = model.schema
+    row_values, column_values = schema.group(rows).values, schema.group(columns).values
+    cells = [{**(fixed or {}), rows: r, columns: c} for r in row_values for c in column_values]
+    conditions = np.stack([schema.encode(cell, require_all=not model.accepts_partial) for cell in cells])
+    images = model.sample_conditions(conditions, [seed] * len(cells))
+    return image_grid(images, columns=len(column_values)), list(row_values), list(column_values)
+
+
 def machine_description() -> dict[str, Any]:
     return {
         "platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
