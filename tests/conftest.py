@@ -34,6 +34,14 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def fpi_parquet(shared_data) -> Path:
+    folder = shared_data / "fashion_product_images_small"
+    if len(list(folder.glob("*.parquet"))) != 4:
+        missing(f"Fashion Product Images Parquet copy not found in {folder}")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def idx_dir() -> Path:
     from atelier.catalog.fashion_mnist import DatasetUnavailable, locate
 

@@ -34,16 +34,6 @@ GREY = 128
 
 # -- fixtures ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def fpi_parquet(shared_data) -> Path:
-    folder = shared_data / "fashion_product_images_small"
-    if len(list(folder.glob("*.parquet"))) != 4:
-        from conftest import missing
-
-        missing(f"Fashion Product Images Parquet copy not found in {folder}")
-    return folder
-
-
-@pytest.fixture(scope="session")
 def real_source(fpi_parquet) -> Source:
     return Source.open(fpi_parquet)
 
