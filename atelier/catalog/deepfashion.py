@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
+from atelier.progress import progress_bar
 
 from atelier.catalog.catalogue import Catalogue, arrow_schema, write_catalogue
 from atelier.catalog.grabcut import crop_centre_resize, segment_garment
@@ -487,7 +487,7 @@ def import_deepfashion(
 
     def batches():
         rows: list[dict] = []
-        for name in tqdm(present, desc="deepfashion", unit="img", disable=not progress):
+        for name in progress_bar(present, desc="deepfashion", unit="img", disable=not progress):
             try:
                 image = decode_image((root / name).read_bytes(), 3)
             except (OSError, ImageDecodeError):

@@ -51,7 +51,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
+from atelier.progress import progress_bar
 
 from atelier.catalog.catalogue import Catalogue, write_catalogue
 from atelier.catalog.images import ImageDecodeError, decode_image, encode_png, to_square
@@ -464,7 +464,7 @@ def import_fashion_product_images(
 
     def batches() -> Iterator[pa.RecordBatch]:
         stream = src.image_bytes(rows)
-        with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(
             total=len(rows), desc=f"fashion-product-images {selection.name}", unit="img",
             disable=not progress, dynamic_ncols=True,
         ) as bar:

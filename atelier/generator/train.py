@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from atelier.progress import progress_bar
 
 from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue
@@ -193,8 +193,8 @@ def train(cfg: TrainConfig) -> Path:
 
     for epoch in range(start_epoch, start_epoch + cfg.epochs):
         order = torch.randperm(len(images), generator=generator).to(device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{start_epoch + cfg.epochs}",
-                   disable=not cfg.progress, leave=False, dynamic_ncols=True)
+        bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{start_epoch + cfg.epochs}",
+                   disable=not cfg.progress, leave=False)
         for i in bar:
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             last_losses = trainer.step(images[idx], conditions[idx])

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from atelier.progress import progress_bar
 
 from atelier.catalog.catalogue import Catalogue
 from atelier.indexer.embedders import DEFAULT_EMBEDDER, DEFAULT_INPUT_SIZE, build_embedder
@@ -44,7 +44,7 @@ def reindex(
     )
     start = time.perf_counter()
     try:
-        with tqdm(total=len(reader), desc="embedding", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        with progress_bar(total=len(reader), desc="embedding", unit="img", disable=not progress) as bar:
             for embedded in mapper.map(reader):
                 writer.write(embedded)
                 bar.update(len(embedded.vectors) + len(embedded.skipped))
