@@ -20,3 +20,37 @@ def test_table_capitalises_what_differs():
     table = format_table(ROWS, 2)
     assert "Topwear/Blue | Topwear/Blue, Topwear/RED" in table
     assert "Dress/Black  | SAREE/Black, Dress/Black" in table
+
+
+def _write_idx(path, array):
+    import gzip
+    import struct
+
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.tobytes())
+
+
+def test_the_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path, idx_dir, mobilenet_weights, capsys):
+    """The README's first command, on 300 real images: every stage, the real server, the report."""
+    import json
+
+    from atelier.catalog.fashion_mnist import load_split
+    from atelier.demo import run_demo
+
+    small = tmp_path / "idx"
+    small.mkdir()
+    for split, prefix, n in (("train", "train", 200), ("test", "t10k", 100)):
+        images, labels = load_split(idx_dir, split)
+        _write_idx(small / f"{prefix}-images-idx3-ubyte.gz", images[:n])
+        _write_idx(small / f"{prefix}-labels-idx1-ubyte.gz", labels[:n])
+    results = run_demo(tmp_path / "out", source=small, train_seconds=2, num_samples=2, input_size=32)
+    printed = capsys.readouterr().out
+    assert "category asked | category of the top-5 products" in printed and f"precision@5: {results['precision_at_k']['category']:.3f}" in printed
+    assert results["index_products"] == 300 and results["health"] == "SERVING"
+    assert len(results["queries"]) == 10 and all(len(q["products"]) == 5 for q in results["queries"])
+    assert results["model_training"]["init_from"]["path"].endswith("cgan-fashion-mnist")  # the committed checkpoint
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert report.count("<figure") == 50 and "data:image/png;base64" in report
+    assert (tmp_path / "out" / "grid.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["precision_at_k"] == results["precision_at_k"]
