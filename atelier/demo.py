@@ -181,14 +181,16 @@ def run_demo(out: Path, dataset: str = "fashion-mnist", train_seconds: float = 1
         server.stop()
 
     precision = attribute_precision(rows)
+    chance = random_precision(rows, service.index.products)
     print()
     print(format_table(rows, spec.top_k))
     print()
     for group, value in precision.items():
         label = f"precision@{spec.top_k}" if len(precision) == 1 else f"precision@{spec.top_k} {group}"
-        print(f"{label}: {value:.3f}")
+        print(f"{label}: {value:.3f}  (random products: {chance[group]:.3f})")
     results = {
-        "dataset": dataset, "precision_at_k": precision, "top_k": spec.top_k, "health": health,
+        "dataset": dataset, "precision_at_k": precision, "random_precision_at_k": chance, "top_k": spec.top_k,
+        "health": health,
         "num_samples": num_samples, "input_size": input_size, "index_products": len(index_catalogue),
         "model": str(model_dir),
         "model_training": artifacts.read_manifest(artifacts.resolve(model_dir), verify=False).get("training", {}),
@@ -217,6 +219,18 @@ def attribute_precision(rows: list[dict]) -> dict[str, float]:
     result = {g: hits[g] / total for g in groups}
     if len(groups) > 1:
         result["all"] = hits_all / total
+    return result
+
+
+def random_precision(rows: list[dict], products: pa.Table) -> dict[str, float]:
+    """What attribute_precision expects from products drawn at random from the index: per query,
+    the share of indexed products carrying the asked value(s), averaged over the queries."""
+    groups = list(rows[0]["asked"])
+    table = products.select(groups).to_pylist()
+    result = {g: sum(sum(p[g] == r["asked"][g] for p in table) for r in rows) / (len(rows) * len(table)) for g in groups}
+    if len(groups) > 1:
+        result["all"] = sum(sum(all(p[g] == r["asked"][g] for g in groups) for p in table)
+                            for r in rows) / (len(rows) * len(table))
     return result
 
 

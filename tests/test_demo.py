@@ -46,7 +46,8 @@ def test_the_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path, idx_dir, mo
         _write_idx(small / f"{prefix}-labels-idx1-ubyte.gz", labels[:n])
     results = run_demo(tmp_path / "out", source=small, train_seconds=2, num_samples=2, input_size=32)
     printed = capsys.readouterr().out
-    assert "category asked | category of the top-5 products" in printed and f"precision@5: {results['precision_at_k']['category']:.3f}" in printed
+    assert "category asked | category of the top-5 products" in printed
+    assert f"precision@5: {results['precision_at_k']['category']:.3f}  (random products: " in printed
     assert results["index_products"] == 300 and results["health"] == "SERVING"
     assert len(results["queries"]) == 10 and all(len(q["products"]) == 5 for q in results["queries"])
     assert results["model_training"]["init_from"]["path"].endswith("cgan-fashion-mnist")  # the committed checkpoint
@@ -54,3 +55,13 @@ def test_the_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path, idx_dir, mo
     assert report.count("<figure") == 50 and "data:image/png;base64" in report
     assert (tmp_path / "out" / "grid.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "out" / "results.json").read_text())["precision_at_k"] == results["precision_at_k"]
+
+
+def test_random_precision_is_the_share_of_products_with_the_asked_values():
+    import pyarrow as pa
+
+    from atelier.demo import random_precision
+
+    products = pa.table({"type": ["Topwear", "Topwear", "Dress", "Saree"], "colour": ["Blue", "Black", "Black", "Blue"]})
+    assert random_precision(ROWS, products) == {"type": (2 / 4 + 1 / 4) / 2, "colour": (2 / 4 + 2 / 4) / 2,
+                                                "all": (1 / 4 + 1 / 4) / 2}
