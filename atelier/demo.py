@@ -239,8 +239,8 @@ def format_table(rows: list[dict], top_k: int) -> str:
         return "/".join(product[g] if product[g] == v else product[g].upper() for g, v in asked.items())
 
     asked_labels = ["/".join(r["asked"].values()) for r in rows]
-    width = max(len(a) for a in asked_labels)
     header = "/".join(rows[0]["asked"])
+    width = max(len(header) + len(" asked"), *(len(a) for a in asked_labels))
     lines = [f"{header + ' asked':<{width}} | {header} of the top-{top_k} products", f"{'-' * width}-+-{'-' * 60}"]
     for label, r in zip(asked_labels, rows):
         lines.append(f"{label:<{width}} | " + ", ".join(cell(p, r["asked"]) for p in r["products"]))

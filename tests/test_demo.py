@@ -18,8 +18,8 @@ def test_attribute_precision_per_group_and_all():
 
 def test_table_capitalises_what_differs():
     table = format_table(ROWS, 2)
-    assert "Topwear/Blue | Topwear/Blue, Topwear/RED" in table
-    assert "Dress/Black  | SAREE/Black, Dress/Black" in table
+    assert "Topwear/Blue      | Topwear/Blue, Topwear/RED" in table
+    assert "Dress/Black       | SAREE/Black, Dress/Black" in table
 
 
 def _write_idx(path, array):

@@ -201,7 +201,7 @@ def train(cfg: TrainConfig) -> Path:
             images_seen += len(idx)
             step += 1
             if i % 20 == 0:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in last_losses.items()})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in last_losses.items()}, refresh=False)
             if (cfg.max_steps and step >= cfg.max_steps) or (
                 cfg.max_seconds and time.perf_counter() - start >= cfg.max_seconds
             ):
