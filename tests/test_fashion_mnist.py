@@ -1,10 +1,7 @@
 """The importer on the real Debian IDX files, checked against the independent Parquet copy."""
 
-import gzip
 import hashlib
 import http.server
-import io
-import shutil
 import struct
 import threading
 from functools import partial
@@ -16,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from atelier.catalog import fashion_mnist
-from atelier.catalog.catalogue import Catalogue
 from atelier.catalog.fashion_mnist import CLASS_NAMES, DatasetUnavailable, import_fashion_mnist, locate, read_idx
 
 

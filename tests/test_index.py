@@ -1,6 +1,5 @@
 """FAISS index directories: exact results, the merge rule, atomic publishing, bad images."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -22,12 +22,12 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-from atelier.progress import progress_bar
 
 from atelier.catalog.catalogue import Catalogue, arrow_schema, write_catalogue
 from atelier.catalog.grabcut import crop_centre_resize, segment_garment
 from atelier.catalog.images import ImageDecodeError, decode_image, encode_png
 from atelier.catalog.schema import AttributeGroup, AttributeSchema
+from atelier.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

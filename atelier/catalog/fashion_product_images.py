@@ -51,11 +51,11 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from atelier.progress import progress_bar
 
 from atelier.catalog.catalogue import Catalogue, write_catalogue
 from atelier.catalog.images import ImageDecodeError, decode_image, encode_png, to_square
 from atelier.catalog.schema import AttributeGroup, AttributeSchema
+from atelier.progress import progress_bar
 
 ATTRIBUTE_COLUMNS = (
     "gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "year", "usage", "productDisplayName",

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from atelier.progress import progress_bar
 
 from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue
@@ -27,6 +26,7 @@ from atelier.catalog.images import encode_png, image_grid, to_square
 from atelier.catalog.schema import AttributeSchema
 from atelier.generator.base import ConditionalGenerator, family, sample_seeds
 from atelier.generator.checkpoint import load_extra, load_generator, save_checkpoint
+from atelier.progress import progress_bar
 
 GRID_COLUMNS_MAX = 12
 
@@ -52,7 +52,6 @@ class TrainConfig:
     progress: bool = True
     command: str | None = None  # recorded in the manifest
     device: str = "auto"  # cpu, cuda, or auto (cuda when available)
-    log_epochs: bool = True  # one summary line per epoch on stderr, even without the progress bar
 
 
 def prepare_data(catalogue: Catalogue, split: str | None, limit: int | None, image_size: int | None):
@@ -194,7 +193,7 @@ def train(cfg: TrainConfig) -> Path:
     for epoch in range(start_epoch, start_epoch + cfg.epochs):
         order = torch.randperm(len(images), generator=generator).to(device)
         bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{start_epoch + cfg.epochs}",
-                   disable=not cfg.progress, leave=False)
+                           disable=not cfg.progress, leave=False)
         for i in bar:
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             last_losses = trainer.step(images[idx], conditions[idx])
@@ -211,10 +210,9 @@ def train(cfg: TrainConfig) -> Path:
         if any(not np.isfinite(v) for v in last_losses.values()):
             raise FloatingPointError(f"epoch {epoch + 1}: losses became non-finite {last_losses}; last checkpoint kept")
         checkpoint(epoch + (0 if stopped_early and i + 1 < steps_per_epoch else 1))
-        if cfg.progress or cfg.log_epochs:
-            rate = images_seen / max(elapsed_before + time.perf_counter() - start, 1e-9)
-            print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_losses.items())
-                  + f", {rate:.0f} img/s -> {cfg.out}", file=sys.stderr)
+        rate = images_seen / max(elapsed_before + time.perf_counter() - start, 1e-9)
+        print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_losses.items())
+              + f", {rate:.0f} img/s -> {cfg.out}", file=sys.stderr)  # a line per epoch, bar or not
         if stopped_early:
             break
     return artifacts.resolve(cfg.out)

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import torch
-from atelier.progress import progress_bar
 
 from atelier.catalog.catalogue import Catalogue
 from atelier.indexer.embedders import DEFAULT_EMBEDDER, DEFAULT_INPUT_SIZE, build_embedder
 from atelier.indexer.mapper import EmbeddingMapper
 from atelier.indexer.reader import CatalogueReader
 from atelier.indexer.writer import IndexWriter
+from atelier.progress import progress_bar
 
 
 def reindex(
