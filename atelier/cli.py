@@ -146,6 +146,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
              checkpoint=args.checkpoint, source=args.source, num_samples=args.num_samples, input_size=args.input_size)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from atelier.evaluation.compare import compare_models, format_markdown, write_report
+
+    report = compare_models(args.index, args.catalogue, parse_models(args.model), samples=args.samples, seed=args.seed,
+                            minimum=args.min_products, k=args.k, progress=not args.quiet)
+    if args.out:
+        write_report(report, args.out)
+    print(f"{len(report['conditions'])} conditions x {args.samples} samples, judge: {report['judge']}")
+    print(format_markdown(report))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atelier",
@@ -254,6 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=8, help="images generated per query (default 8)")
     p.add_argument("--input-size", type=int, default=64, help="embedder input size (default 64)")
     p.set_defaults(func=cmd_demo)
+
+    p = verbs.add_parser("eval", help="compare models: conditioning accuracy (k-NN judge), diversity, sampling speed",
+                         description="Each model draws --samples images for every attribute combination with at "
+                                     "least --min-products products in the index; a k-NN judge over the index "
+                                     "predicts their attributes. Real products are scored the same way (each "
+                                     "left out of its own vote) as the ceiling.")
+    p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`): judge and embedder")
+    p.add_argument("--catalogue", type=Path, required=True, help="the index's catalogue (real images for reference)")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH", help="checkpoint; repeat")
+    p.add_argument("--samples", type=int, default=16, help="images per attribute combination (default 16)")
+    p.add_argument("--min-products", type=int, default=20, help="combinations with fewer products are skipped")
+    p.add_argument("--k", type=int, default=10, help="neighbours in the judge's vote (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="write the full results as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

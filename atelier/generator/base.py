@@ -54,6 +54,10 @@ class ConditionalGenerator(nn.Module):
     def channels(self) -> int:
         return self.config.channels
 
+    def keeps_option(self, key: str, value: Any) -> bool:
+        """Does `--set key=value` describe this loaded model as it is? (resume and fine-tune refuse changes)"""
+        return getattr(self.config, key, value) == value
+
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 

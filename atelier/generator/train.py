@@ -142,7 +142,7 @@ def train(cfg: TrainConfig) -> Path:
         difference = model.schema.describe_difference(catalogue.schema)
         if difference:
             raise ValueError(f"{source} was trained on another schema: {difference}")
-        changed = {k: v for k, v in cfg.model_overrides.items() if getattr(model.config, k, v) != v}
+        changed = {k: v for k, v in cfg.model_overrides.items() if not model.keeps_option(k, v)}
         if changed:
             raise ValueError(f"cannot change {sorted(changed)} of the model loaded from {source}")
         model.to(device).train()
@@ -165,11 +165,13 @@ def train(cfg: TrainConfig) -> Path:
         model = cls(catalogue.schema, arch).to(device)
         trainer = cls.Trainer(model)
     model.train()
+    first_batch = getattr(trainer, "batch_size", None) or cfg.batch_size
+    if len(images) < first_batch:
+        raise ValueError(f"{len(images)} training images is fewer than one batch of {first_batch}")
 
     grid_conds, grid_columns = grid_conditions(catalogue.schema, attrs)
     grids_dir = Path(f"{cfg.out}.samples")
     grids_dir.mkdir(parents=True, exist_ok=True)
-    steps_per_epoch = len(images) // cfg.batch_size
     generator = torch.Generator().manual_seed(cfg.seed + start_epoch)
     start, step, last_losses, epoch = time.perf_counter(), 0, {}, start_epoch
     stopped_early = False
@@ -192,24 +194,32 @@ def train(cfg: TrainConfig) -> Path:
 
     for epoch in range(start_epoch, start_epoch + cfg.epochs):
         order = torch.randperm(len(images), generator=generator).to(device)
-        bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{start_epoch + cfg.epochs}",
+        bar = progress_bar(total=len(images), unit="img", desc=f"epoch {epoch + 1}/{start_epoch + cfg.epochs}",
                            disable=not cfg.progress, leave=False)
-        for i in bar:
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        position, epoch_complete = 0, True
+        while True:
+            # progressive models change their batch size with the resolution they are at
+            batch = getattr(trainer, "batch_size", None) or cfg.batch_size
+            if position + batch > len(images):
+                break
+            idx = order[position : position + batch]
+            position += batch
             last_losses = trainer.step(images[idx], conditions[idx])
             images_seen += len(idx)
             step += 1
-            if i % 20 == 0:
+            bar.update(len(idx))
+            if step % 20 == 0:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last_losses.items()}, refresh=False)
             if (cfg.max_steps and step >= cfg.max_steps) or (
                 cfg.max_seconds and time.perf_counter() - start >= cfg.max_seconds
             ):
                 stopped_early = True
+                epoch_complete = position + batch > len(images)
                 break
         bar.close()
         if any(not np.isfinite(v) for v in last_losses.values()):
             raise FloatingPointError(f"epoch {epoch + 1}: losses became non-finite {last_losses}; last checkpoint kept")
-        checkpoint(epoch + (0 if stopped_early and i + 1 < steps_per_epoch else 1))
+        checkpoint(epoch + (1 if epoch_complete else 0))
         rate = images_seen / max(elapsed_before + time.perf_counter() - start, 1e-9)
         print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_losses.items())
               + f", {rate:.0f} img/s -> {cfg.out}", file=sys.stderr)  # a line per epoch, bar or not
