@@ -10,11 +10,17 @@ fresh staging folder beside the destination and then publishes it:
 so a reader either sees the old version or the new one, never half of one, and a job killed
 at any point leaves the last published version untouched. Readers resolve the link once
 (`resolve`) and read every file from that one version.
+
+A job holds an exclusive flock(2) on its staging folder for as long as it runs; the kernel
+drops the lock when the process dies, however it dies (SIGKILL included). So a staging folder
+nobody holds belongs to a dead job: the next `staging` or `publish` for the same destination
+removes it, and live jobs' folders are left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -47,16 +53,72 @@ def versions_dir(dest: Path) -> Path:
 
 @contextlib.contextmanager
 def staging(dest: Path) -> Iterator[Path]:
-    """A fresh folder to build the next version of `dest` in; removed if the job fails."""
+    """A fresh folder to build the next version of `dest` in; removed if the job fails.
+
+    The folder stays locked while the job runs; leftovers of dead jobs are removed first.
+    """
     root = versions_dir(dest)
     root.mkdir(parents=True, exist_ok=True)
-    stage = root / f"staging-{uuid.uuid4().hex[:12]}"
-    stage.mkdir()
+    remove_stale_staging(root)
+    stage, lock = _claim_staging(root)
     try:
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)  # after a publish `stage` is the new version; the lock goes with the fd
+
+
+def _claim_staging(root: Path) -> tuple[Path, int]:
+    """Create and lock a new staging folder; retried if a concurrent clean-up took it first."""
+    for _ in range(100):
+        stage = root / f"staging-{uuid.uuid4().hex[:12]}"
+        stage.mkdir()
+        try:
+            fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue  # another job's clean-up removed it between mkdir and open
+        if _try_lock(fd) is False or not _same_folder(stage, fd):
+            os.close(fd)  # a clean-up holds it (and is removing it), or already has
+            continue
+        return stage, fd
+    raise ArtifactError(f"could not claim a staging folder in {root}")
+
+
+def _try_lock(fd: int) -> bool | None:
+    """True: locked; False: another process holds it; None: this filesystem cannot tell."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+def _same_folder(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Remove the staging folders of jobs that are no longer running; returns what was removed."""
+    removed = []
+    for stage in sorted(Path(root).glob("staging-*")):
+        try:
+            fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            if _try_lock(fd) and _same_folder(stage, fd):  # nobody holds it: its job is dead
+                shutil.rmtree(stage, ignore_errors=True)
+                removed.append(stage)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def write_manifest(folder: Path, kind: str, **fields: Any) -> dict[str, Any]:
@@ -89,6 +151,7 @@ def publish(stage: Path, dest: Path) -> Path:
     link = dest.parent / f".{dest.name}.link-{uuid.uuid4().hex[:8]}"
     os.symlink(os.path.relpath(version, dest.parent), link)
     os.replace(link, dest)  # the atomic step
+    remove_stale_staging(root)
     _prune(root, keep=version)
     return version
 

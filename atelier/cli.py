@@ -98,8 +98,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from atelier.retrieval.service import Limits
     from atelier.server.app import serve
 
-    limits = Limits(max_num_samples=args.max_num_samples, max_top_k=args.max_top_k)
-    serve(args.index, parse_models(args.model), args.address, args.workers, limits)
+    # The defaults (4 drawings, top 10) shrink to fit lower maxima rather than refuse them.
+    num_samples = min(Limits.default_num_samples, args.max_num_samples)
+    top_k = max(1, min(Limits.default_top_k, args.max_top_k, args.max_candidates // max(num_samples, 1)))
+    limits = Limits(max_num_samples=args.max_num_samples, max_top_k=args.max_top_k, default_num_samples=num_samples,
+                    default_top_k=top_k, max_candidates=args.max_candidates, max_queue_per_model=args.max_queue,
+                    max_running_per_model=args.max_running, max_request_bytes=args.max_request_bytes,
+                    max_response_bytes=args.max_response_bytes)
+    serve(args.index, parse_models(args.model), args.address, args.workers, limits, security=_serve_security(args),
+          watch_index=args.watch_index, grace=args.grace, drain=args.drain)
 
 
 def cmd_query(args: argparse.Namespace) -> None:
@@ -112,7 +119,7 @@ def cmd_query(args: argparse.Namespace) -> None:
     for key, value in args.attr:
         attributes.setdefault(key, []).append(value)
     try:
-        with AtelierClient(args.target, timeout=args.timeout) as client:
+        with AtelierClient(args.target, timeout=args.timeout, **_query_security(args)) as client:
             if args.schema or not attributes:
                 print(json.dumps(MessageToDict(client.get_schema()), indent=2))
                 return
@@ -155,6 +162,59 @@ def cmd_eval(args: argparse.Namespace) -> None:
         write_report(report, args.out)
     print(f"{len(report['conditions'])} conditions x {args.samples} samples, judge: {report['judge']}")
     print(format_markdown(report))
+
+
+def _serve_security(args: argparse.Namespace):
+    from atelier.server.security import load_security
+
+    return load_security(args.tls_cert, args.tls_key, args.client_ca, args.tokens_file,
+                         open_health=not args.closed_health, open_reflection=args.open_reflection)
+
+
+def _query_security(args: argparse.Namespace) -> dict:
+    import os
+
+    from atelier.server.security import TOKEN_ENV
+
+    token = args.token
+    if token is None and args.token_file is not None:
+        token = args.token_file.read_text(encoding="utf-8").strip()
+    if token is None:
+        token = os.environ.get(TOKEN_ENV) or None
+    return dict(tls=args.tls, root_ca=args.ca, client_cert=args.cert, client_key=args.key,
+                server_name=args.server_name, token=token)
+
+
+def _add_serve_security_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "TLS and tokens", "Default: plaintext, no tokens (fine on localhost). Tokens: one 'TOKEN RIGHT[,RIGHT...]' "
+        "per line, '#' comments; rights: query (GenerateAndRetrieve, GetSchema), admin (any other method); "
+        "a token of 16+ characters from [A-Za-z0-9-._~+/]. Clients send 'authorization: Bearer TOKEN'.")
+    g.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain (with --tls-key: serve TLS)")
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    g.add_argument("--client-ca", type=Path, metavar="PEM",
+                   help="mutual TLS: require client certificates signed by this CA")
+    g.add_argument("--tokens-file", type=Path, metavar="FILE",
+                   help="bearer tokens and their rights; must not be readable by other users (chmod 600). "
+                        "Default: $ATELIER_TOKENS (same format, entries split by ';'), which this flag overrides; "
+                        "neither: no token checks")
+    g.add_argument("--closed-health", action="store_true",
+                   help="grpc health checks need a token with 'query' too (default: open to all, for load balancers)")
+    g.add_argument("--open-reflection", action="store_true",
+                   help="server reflection without a token (default: needs a token with 'query')")
+
+
+def _add_query_security_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS and tokens", "Default: plaintext, no token.")
+    g.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs (implied by --ca/--cert)")
+    g.add_argument("--ca", type=Path, metavar="PEM", help="use TLS, trusting this CA certificate")
+    g.add_argument("--cert", type=Path, metavar="PEM", help="client certificate for mutual TLS (with --key)")
+    g.add_argument("--key", type=Path, metavar="PEM", help="private key of --cert")
+    g.add_argument("--server-name", metavar="NAME", help="name expected in the server certificate, if not the target host")
+    tokens = g.add_mutually_exclusive_group()
+    tokens.add_argument("--token", help="bearer token to send (visible to other users in ps; prefer $ATELIER_TOKEN "
+                                        "or --token-file)")
+    tokens.add_argument("--token-file", type=Path, metavar="FILE", help="read the bearer token from this file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,9 +291,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
                    help="checkpoint folder, optionally named; repeat for several models (the first is the default)")
     p.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (default 127.0.0.1:50051)")
-    p.add_argument("--workers", type=int, default=8, help="concurrent requests served")
-    p.add_argument("--max-num-samples", type=int, default=32)
-    p.add_argument("--max-top-k", type=int, default=100)
+    p.add_argument("--workers", type=int, default=8,
+                   help="gRPC threads (default 8; raised to models x --max-queue + 4 so admitted requests never "
+                        "wait in gRPC's own unbounded queue)")
+    p.add_argument("--max-num-samples", type=int, default=32, help="most images one request may ask for (default 32)")
+    p.add_argument("--max-top-k", type=int, default=100, help="most products one request may ask for (default 100)")
+    p.add_argument("--max-candidates", type=int, default=1024,
+                   help="most num_samples x top_k of one request: bounds the merge work (default 1024)")
+    p.add_argument("--max-queue", type=int, default=8, metavar="N",
+                   help="per model, most requests running or waiting; the next gets RESOURCE_EXHAUSTED at once (default 8)")
+    p.add_argument("--max-running", type=int, default=2, metavar="N",
+                   help="per model, most requests generating at once; the rest of the queue waits (default 2)")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, metavar="BYTES",
+                   help="largest request message accepted (default 1 MiB)")
+    p.add_argument("--max-response-bytes", type=int, default=64 << 20, metavar="BYTES",
+                   help="largest response message sent, images included (default 64 MiB)")
+    p.add_argument("--watch-index", type=float, metavar="SECONDS",
+                   help="look at --index this often and swap to a newly published version once it passes its "
+                        "checks (default: only on a ReloadIndex call)")
+    p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long in-flight calls may take to finish (default 5)")
+    p.add_argument("--drain", type=float, default=0.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, report NOT_SERVING but keep serving this long first, so load balancers "
+                        "move away before new calls are refused (default 0)")
+    _add_serve_security_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("query", help="call a running server (GenerateAndRetrieve, or GetSchema without --attr)")
@@ -248,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", action="store_true", help="print the server's schema, models and index")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
     p.add_argument("--timeout", type=float, default=60.0)
+    _add_query_security_args(p)
     p.set_defaults(func=cmd_query)
 
     p = verbs.add_parser("demo", help="end to end: import, train (or fine-tune), index, serve, query, report")

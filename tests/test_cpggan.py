@@ -12,7 +12,7 @@ from atelier.catalog.fashion_mnist import SCHEMA
 from atelier.generator import load_generator
 from atelier.generator.cpggan import (
     CDPGGAN, CPGGAN, CDPGGANConfig, CPGGANConfig, CPGGANTrainer, batch_size_for,
-    consistency_distance, fade, gradient_penalty, lse_discriminator_loss,
+    consistency_distance, drift_penalty, fade, gradient_penalty, lse_discriminator_loss,
     lse_generator_loss, phase_at, real_at, share_field, wgan_generator_loss,
     wgan_mismatch_discriminator_loss,
 )
@@ -85,6 +85,8 @@ def test_losses_are_the_formulas_of_the_seed():
                                             torch.tensor(0.7))
     assert loss.item() == pytest.approx(-1.8)
     assert wgan_generator_loss(torch.tensor([1.0, 3.0])).item() == pytest.approx(-2.0)
+    # (1 + 9)/2 + 4
+    assert drift_penalty(torch.tensor([1.0, 3.0]), torch.tensor([2.0])).item() == pytest.approx(9.0)
 
 
 def test_gradient_penalty_of_a_linear_critic():

@@ -179,7 +179,10 @@ def train(cfg: TrainConfig) -> Path:
     def checkpoint(epoch_done: int) -> Path:
         grid = sample_grid(model, grid_conds, cfg.grid_rows, seed=cfg.seed)
         png = encode_png(grid)
-        (grids_dir / f"epoch-{epoch_done:03d}.png").write_bytes(png)
+        grid_file = grids_dir / f"epoch-{epoch_done:03d}.png"
+        partial = grid_file.with_suffix(".png.partial")  # a killed run never leaves half a PNG
+        partial.write_bytes(png)
+        os.replace(partial, grid_file)
         seconds = elapsed_before + time.perf_counter() - start
         training = {
             "catalogue": catalogue.name, "catalogue_fingerprint": catalogue.fingerprint, "split": cfg.split,

@@ -5,7 +5,7 @@
     manifest.json     embedder (name, weights hash, input size), dimension, metric, count,
                       schema, catalogue name + fingerprint, index type, sha256 of each file
 
-Written by `write_index_directory` into a staging folder and published by atomic rename
+Built by `build_index_directory` in a staging folder and published by atomic rename
 (atelier.artifacts), so a reader never sees half an index.
 """
 
@@ -46,20 +46,33 @@ def write_index_directory(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Build the FAISS index over `vectors` (row i = products row i) and publish it at `dest`."""
+    with artifacts.staging(dest) as stage:
+        build_index_directory(stage, vectors, products, embedder, schema, catalogue, extra)
+        return artifacts.publish(stage, dest)
+
+
+def build_index_directory(
+    stage: Path,
+    vectors: np.ndarray,
+    products: pa.Table,
+    embedder: dict[str, Any],
+    schema: AttributeSchema,
+    catalogue: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write the index files and manifest into a staging folder (see `artifacts.staging`)."""
     if len(vectors) != products.num_rows:
         raise ValueError(f"{len(vectors)} vectors for {products.num_rows} products")
     if len(vectors) == 0:
         raise ValueError("refusing to publish an empty index")
-    with artifacts.staging(dest) as stage:
-        index = build_faiss_index(vectors)
-        faiss.write_index(index, str(stage / INDEX_FILE))
-        pq.write_table(products, stage / PRODUCTS_FILE)
-        artifacts.write_manifest(
-            stage, KIND, embedder=embedder, dimension=int(vectors.shape[1]), metric=METRIC,
-            count=int(len(vectors)), schema=schema.to_dict(), catalogue=catalogue,
-            index_type=type(index).__name__, **(extra or {}),
-        )
-        return artifacts.publish(stage, dest)
+    index = build_faiss_index(vectors)
+    faiss.write_index(index, str(stage / INDEX_FILE))
+    pq.write_table(products, stage / PRODUCTS_FILE)
+    artifacts.write_manifest(
+        stage, KIND, embedder=embedder, dimension=int(vectors.shape[1]), metric=METRIC,
+        count=int(len(vectors)), schema=schema.to_dict(), catalogue=catalogue,
+        index_type=type(index).__name__, **(extra or {}),
+    )
 
 
 @dataclass

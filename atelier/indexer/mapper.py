@@ -1,7 +1,8 @@
 """Mapper: decode + prepare a batch in worker threads, then one batched embedder forward.
 
 Decoding (OpenCV releases the GIL) for the next batches runs while the current batch is in
-the forward pass. Undecodable images are dropped from the batch and reported, not fatal.
+the forward pass. Undecodable images are dropped from the batch and reported with their
+product id and a reason, not fatal (the writer decides how many failures a job tolerates).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import cv2
 import numpy as np
 import pyarrow as pa
 
@@ -37,11 +39,11 @@ class EmbeddingMapper:
         for i, data in enumerate(batch.images):
             try:
                 if not data:
-                    raise ImageDecodeError("no image bytes")
+                    raise ImageDecodeError("no image bytes" if data is None else "empty image (0 bytes)")
                 prepared.append(self.embedder.prepare(decode_image(data, self.channels)))
                 keep.append(i)
-            except ImageDecodeError as error:
-                skipped.append({"id": ids[i], "reason": str(error)})
+            except (ImageDecodeError, cv2.error) as error:
+                skipped.append({"id": ids[i], "reason": failure_reason(data, error)})
         rows = batch.rows.take(pa.array(keep, type=pa.int64()))
         return rows, (np.stack(prepared) if prepared else None), skipped
 
@@ -66,3 +68,15 @@ class EmbeddingMapper:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"RIFF": "WebP", b"BM": "BMP"}
+
+
+def failure_reason(data: bytes | None, error: Exception) -> str:
+    """What went wrong with one image, for the manifest: the error and what the bytes look like."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not data:
+        return message
+    kind = next((name for sig, name in SIGNATURES.items() if data.startswith(sig)), None)
+    return f"{message}: " + (f"{kind} signature, truncated or corrupt" if kind else "no known image signature")

@@ -1,4 +1,10 @@
-"""Writer: collects embedded batches, then builds and publishes the index directory."""
+"""Writer: collects embedded batches, then builds the index directory in the job's staging
+folder and publishes it.
+
+Images that could not be decoded are counted and listed (product id + reason) in the
+manifest's `skipped`; the job fails, publishing nothing, once more than `max_failed_fraction`
+of the catalogue has failed (as soon as that is certain, not only at the end).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from atelier import artifacts
 from atelier.catalog.schema import AttributeSchema
-from atelier.indexer.index_directory import write_index_directory
+from atelier.indexer.index_directory import build_index_directory
 from atelier.indexer.mapper import Embedded
 
 
@@ -18,10 +25,13 @@ class TooManyFailures(RuntimeError):
 
 
 class IndexWriter:
-    def __init__(self, dest: Path, schema: AttributeSchema, embedder: dict[str, Any],
+    def __init__(self, stage: Path, dest: Path, schema: AttributeSchema, embedder: dict[str, Any],
                  catalogue: dict[str, Any], max_failed_fraction: float):
-        self.dest, self.schema, self.embedder, self.catalogue = dest, schema, embedder, catalogue
+        if not 0.0 <= max_failed_fraction <= 1.0:
+            raise ValueError(f"max_failed_fraction must be within [0, 1], got {max_failed_fraction}")
+        self.stage, self.dest, self.schema, self.embedder, self.catalogue = stage, dest, schema, embedder, catalogue
         self.max_failed_fraction = max_failed_fraction
+        self.expected = int(catalogue.get("rows") or 0)  # 0: unknown, checked at the end only
         self.vectors: list[np.ndarray] = []
         self.rows: list[pa.Table] = []
         self.skipped: list[dict[str, str]] = []
@@ -30,16 +40,26 @@ class IndexWriter:
         self.vectors.append(batch.vectors)
         self.rows.append(batch.rows)
         self.skipped.extend(batch.skipped)
+        if self.expected:
+            seen = sum(len(v) for v in self.vectors) + len(self.skipped)
+            self._check(self.expected, "" if seen >= self.expected else "at least ")
 
-    def close(self, extra: dict[str, Any] | None = None) -> Path:
-        kept = sum(len(v) for v in self.vectors)
-        total = kept + len(self.skipped)
+    def _check(self, total: int, prefix: str = "") -> None:
         if total and len(self.skipped) / total > self.max_failed_fraction:
             raise TooManyFailures(
-                f"{len(self.skipped)} of {total} images could not be decoded (allowed fraction "
+                f"{prefix}{len(self.skipped)} of {total} images could not be decoded (allowed fraction "
                 f"{self.max_failed_fraction}); first: {self.skipped[:3]}; the previous index is untouched"
             )
-        return write_index_directory(
-            self.dest, np.concatenate(self.vectors), pa.concat_tables(self.rows), self.embedder,
-            self.schema, self.catalogue, extra={"skipped": self.skipped, **(extra or {})},
+
+    def close(self, extra: dict[str, Any] | None = None) -> Path:
+        """Build the index in the staging folder and publish it; returns the version folder."""
+        kept = sum(len(v) for v in self.vectors)
+        total = kept + len(self.skipped)
+        self._check(total)
+        failures = {"skipped_count": len(self.skipped), "images": total,
+                    "max_failed_fraction": self.max_failed_fraction}
+        build_index_directory(
+            self.stage, np.concatenate(self.vectors), pa.concat_tables(self.rows), self.embedder,
+            self.schema, self.catalogue, extra={"skipped": self.skipped, **failures, **(extra or {})},
         )
+        return artifacts.publish(self.stage, self.dest)

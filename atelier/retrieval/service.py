@@ -12,23 +12,41 @@ from z. Averaging similarity over samples rewards products that match the shared
 damps products that happen to sit next to one sample's idiosyncrasy, while taking candidates
 from every sample's own top_k keeps a product close to any one drawing in the running.
 Scores are cosines in [-1, 1]; ties break by product id so results are deterministic.
+
+Reliability (the server's contract, kept here so it is testable without a network):
+    limits     every bound is a `Limits` field, and a refusal names the field and its value
+    deadline   the caller's remaining time is checked before each stage; once it has passed no
+               further stage runs (`DeadlineExceeded`)
+    admission  per model, at most `max_queue_per_model` requests are running or waiting; the
+               next one is refused at once (`Overloaded`) rather than queued without bound
+    hot swap   the index and its embedder are one reference (`ServedIndex`) that a request reads
+               once at its start; `reload_index` builds and checks the new one beside the old,
+               then swaps that reference, so in-flight requests finish on the index they began on
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
+import threading
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from atelier import artifacts
 from atelier.catalog.schema import AttributeSchema, InvalidAttributes
 from atelier.generator import ConditionalGenerator, load_generator
 from atelier.generator.base import sample_seeds
 from atelier.indexer.embedders import Embedder, build_embedder
 from atelier.indexer.index_directory import IndexDirectory
+
+log = logging.getLogger("atelier.retrieval")
+STAGES = ("validate", "generate", "embed", "search", "merge")
 
 
 class InvalidRequest(ValueError):
@@ -39,6 +57,22 @@ class IncompatibleArtifacts(RuntimeError):
     """A model and an index (or an index and its embedder) cannot be combined."""
 
 
+class DeadlineExceeded(RuntimeError):
+    """The caller's deadline passed; the message says before which stage work stopped."""
+
+
+class Overloaded(RuntimeError):
+    """A model's queue is full; the message names the bound. Retry later or elsewhere."""
+
+
+class IndexRefused(RuntimeError):
+    """A new index version cannot replace the served one (which keeps serving); says why."""
+
+    def __init__(self, reason: str, version: str | None = None):
+        super().__init__(reason)
+        self.version = version  # the refused version's name, when it got that far
+
+
 @dataclass(frozen=True)
 class Limits:
     max_num_samples: int = 32
@@ -46,6 +80,33 @@ class Limits:
     max_candidates: int = 1024  # num_samples * top_k: bounds the merge work per request
     default_num_samples: int = 4
     default_top_k: int = 10
+    # Request shape: names and values are looked up, never stored, but each costs work and
+    # each may be echoed in an error message, so all are bounded.
+    max_attributes: int = 32  # attribute groups named in one request
+    max_values_per_attribute: int = 64
+    max_string_length: int = 256  # characters of any model name, group name or value
+    # Admission, per model: CPU-bound generation gains nothing from more parallel runs than
+    # cores, and a queue without bound only turns overload into latency for everybody.
+    max_queue_per_model: int = 8  # requests running or waiting; the next is refused at once
+    max_running_per_model: int = 2  # of those, how many generate at once
+    # gRPC message sizes (the server's receive and send limits; images dominate responses).
+    max_request_bytes: int = 1 << 20
+    max_response_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"limit {f.name} must be at least 1, got {getattr(self, f.name)}")
+        if self.default_num_samples > self.max_num_samples or self.default_top_k > self.max_top_k:
+            raise ValueError(
+                f"defaults (num_samples {self.default_num_samples}, top_k {self.default_top_k}) exceed the maxima "
+                f"(max_num_samples {self.max_num_samples}, max_top_k {self.max_top_k})"
+            )
+        if self.default_num_samples * self.default_top_k > self.max_candidates:
+            raise ValueError(f"default num_samples x top_k exceeds max_candidates {self.max_candidates}")
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -77,6 +138,18 @@ class RetrievalResult:
     num_samples: int
 
 
+@dataclass(frozen=True)
+class ServedIndex:
+    """What a request searches: an index and the embedder that matches it, swapped as one."""
+
+    index: IndexDirectory
+    embedder: Embedder
+
+    @property
+    def version(self) -> str:
+        return self.index.version
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -88,12 +161,19 @@ class LoadedModel:
         return f"{self.generator.family}:{self.manifest['weights_sha256'][:12]}"
 
 
-@dataclass
 class RetrievalService:
-    index: IndexDirectory
-    embedder: Embedder
-    models: dict[str, LoadedModel]
-    limits: Limits = field(default_factory=Limits)
+    def __init__(self, index: IndexDirectory, embedder: Embedder, models: dict[str, LoadedModel],
+                 limits: Limits | None = None, index_source: Path | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if not models:
+            raise ValueError("at least one model is needed (name -> checkpoint folder)")
+        self.models = models
+        self.limits = limits or Limits()
+        self.index_source = Path(index_source) if index_source is not None else index.path  # what reload re-resolves
+        self.clock = clock
+        self.admission = Admission(self.limits)
+        self._served = ServedIndex(index, check_index(index, models, embedder))
+        self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
 
     @classmethod
     def open(cls, index_path: Path, model_paths: Mapping[str, Path], limits: Limits | None = None) -> "RetrievalService":
@@ -101,13 +181,7 @@ class RetrievalService:
         if not model_paths:
             raise ValueError("at least one model is needed (name -> checkpoint folder)")
         index = IndexDirectory.open(index_path)
-        spec = index.embedder
-        embedder = build_embedder(spec["name"], int(spec["input_size"]))
-        if embedder.weights_sha256 != spec["weights_sha256"]:
-            raise IncompatibleArtifacts(
-                f"index {index.path} was built with {spec['name']} weights {spec['weights_sha256'][:12]}, "
-                f"but the weights here hash to {embedder.weights_sha256[:12]}: reindex, or install the same weights"
-            )
+        embedder = check_index(index, {})
         models = {}
         for name, path in model_paths.items():
             generator, manifest = load_generator(path)
@@ -115,7 +189,50 @@ class RetrievalService:
             if difference:
                 raise IncompatibleArtifacts(f"model {name!r} ({path}) does not fit index {index.path}: {difference}")
             models[name] = LoadedModel(name, generator, manifest)
-        return cls(index, embedder, models, limits or Limits())
+        return cls(index, embedder, models, limits, index_source=index_path)
+
+    # -- the served index, and swapping it ----------------------------------------------------
+    @property
+    def served(self) -> ServedIndex:
+        return self._served
+
+    @property
+    def index(self) -> IndexDirectory:
+        return self._served.index
+
+    @property
+    def embedder(self) -> Embedder:
+        return self._served.embedder
+
+    def published_version(self) -> str:
+        """The version name `index_source` points at now (may be newer than the served one)."""
+        return artifacts.resolve(self.index_source).name
+
+    def reload_index(self) -> tuple[str, bool]:
+        """Load the version published at `index_source` and serve it if it checks out.
+
+        Returns (version now served, whether it changed). The new index is opened with every
+        file's sha256 verified, its embedder matched (reused when identical) and every model's
+        schema checked against it, all beside the old one; only then is the one reference
+        swapped. On any failure the old index keeps serving and `IndexRefused` says why.
+        """
+        with self._reload_lock:
+            old = self._served
+            version = None
+            try:
+                folder = artifacts.resolve(self.index_source)  # resolved once: that version, and only it
+                version = folder.name
+                if version == old.version:
+                    return old.version, False
+                index = IndexDirectory.open(folder, verify=True)
+                embedder = check_index(index, self.models, old.embedder)
+            except Exception as error:  # whatever is wrong with the new one, the old one keeps serving
+                reason = f"index version {version} at {self.index_source} refused: {error}; still serving {old.version}"
+                log.error("%s", reason)
+                raise IndexRefused(reason, version) from None
+            self._served = ServedIndex(index, embedder)  # the swap: one reference assignment
+            log.info("index swapped: %s -> %s (%d products)", old.version, index.version, len(index))
+            return index.version, True
 
     @property
     def schema(self) -> AttributeSchema:
@@ -127,7 +244,34 @@ class RetrievalService:
         return next(iter(self.models))
 
     # -- the call -----------------------------------------------------------------------------
+    def check_sizes(self, request: RetrievalRequest) -> None:
+        """Bounds on the request's shape, checked before any name is looked up or echoed."""
+        lim = self.limits
+
+        def short(text: str) -> str:
+            return repr(text[:40] + "...") if len(text) > 40 else repr(text)
+
+        def check_string(what: str, text: str) -> None:
+            if len(text) > lim.max_string_length:
+                raise InvalidRequest(
+                    f"{what} {short(text)} has {len(text)} characters; allowed at most {lim.max_string_length} (max_string_length)"
+                )
+
+        check_string("model name", request.model)
+        if len(request.attributes) > lim.max_attributes:
+            raise InvalidRequest(f"{len(request.attributes)} attributes given; allowed at most {lim.max_attributes} (max_attributes)")
+        for name, raw in request.attributes.items():
+            check_string("attribute name", name)
+            values = (raw,) if isinstance(raw, str) else tuple(raw)
+            if len(values) > lim.max_values_per_attribute:
+                raise InvalidRequest(
+                    f"attribute {short(name)} has {len(values)} values; allowed at most {lim.max_values_per_attribute} (max_values_per_attribute)"
+                )
+            for value in values:
+                check_string(f"value of attribute {short(name)}", value)
+
     def validate(self, request: RetrievalRequest) -> tuple[LoadedModel, dict[str, tuple[str, ...]], int, int]:
+        self.check_sizes(request)
         name = request.model or self.default_model
         if name not in self.models:
             raise InvalidRequest(f"unknown model {name!r}; available: {', '.join(self.models)}")
@@ -135,11 +279,11 @@ class RetrievalService:
         n = request.num_samples or lim.default_num_samples
         k = request.top_k or lim.default_top_k
         if not 1 <= n <= lim.max_num_samples:
-            raise InvalidRequest(f"num_samples {n} out of range: allowed 1..{lim.max_num_samples} (0 = {lim.default_num_samples})")
+            raise InvalidRequest(f"num_samples {n} out of range: allowed 1..{lim.max_num_samples} (max_num_samples; 0 = {lim.default_num_samples})")
         if not 1 <= k <= lim.max_top_k:
-            raise InvalidRequest(f"top_k {k} out of range: allowed 1..{lim.max_top_k} (0 = {lim.default_top_k})")
+            raise InvalidRequest(f"top_k {k} out of range: allowed 1..{lim.max_top_k} (max_top_k; 0 = {lim.default_top_k})")
         if n * k > lim.max_candidates:
-            raise InvalidRequest(f"num_samples x top_k = {n * k} exceeds the limit {lim.max_candidates}")
+            raise InvalidRequest(f"num_samples x top_k = {n * k} exceeds the limit {lim.max_candidates} (max_candidates)")
         model = self.models[name]
         schema = model.generator.schema
         if not request.attributes:
@@ -150,7 +294,10 @@ class RetrievalService:
             raise InvalidRequest(str(error)) from None
         return model, attributes, n, k
 
-    def generate_and_retrieve(self, request: RetrievalRequest) -> RetrievalResult:
+    def generate_and_retrieve(self, request: RetrievalRequest, time_remaining: float | None = None) -> RetrievalResult:
+        """Run the stages; `time_remaining` (seconds, None = no deadline) is checked before each."""
+        served = self._served  # read once: a swap during this request does not touch it
+        deadline = Deadline(time_remaining, self.clock)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -160,31 +307,37 @@ class RetrievalService:
             timings[stage] = (now - clock) * 1000
             clock = now
 
+        deadline.check("validate")
         model, attributes, n, k = self.validate(request)
         seed = request.seed if request.seed is not None else random.getrandbits(63)
         lap("validate")
-        condition = model.generator.schema.encode(attributes, require_all=False)  # validate() applied the rules
-        images = model.generator.sample_conditions(np.repeat(condition[None], n, axis=0), sample_seeds(seed, n))
-        lap("generate")
-        queries = self.embedder.embed(images)
-        lap("embed")
-        _, rows = self.index.search(queries, k)
-        lap("search")
-        products = self.merge(queries, rows, k)
-        lap("merge")
+        with self.admission.slot(model.name, deadline):
+            clock = time.perf_counter()  # time spent waiting for a slot is no stage's
+            deadline.check("generate")
+            condition = model.generator.schema.encode(attributes, require_all=False)  # validate() applied the rules
+            images = model.generator.sample_conditions(np.repeat(condition[None], n, axis=0), sample_seeds(seed, n))
+            lap("generate")
+            deadline.check("embed")
+            queries = served.embedder.embed(images)
+            lap("embed")
+            deadline.check("search")
+            _, rows = served.index.search(queries, k)
+            lap("search")
+            deadline.check("merge")
+            products = merge_products(served.index, queries, rows, k)
+            lap("merge")
         return RetrievalResult(
             products=products, images=list(images) if request.return_images else [], timings_ms=timings,
-            model=model.name, model_version=model.version, index_version=self.index.version, seed=seed,
+            model=model.name, model_version=model.version, index_version=served.version, seed=seed,
             num_samples=n,
         )
 
     def merge(self, queries: np.ndarray, rows: np.ndarray, k: int) -> list[Product]:
-        ranked, scores = merge_by_mean_similarity(self.index, queries, rows, k)
-        chosen = self.index.product_rows(ranked.tolist())
-        return [Product(id=row.pop("id"), score=float(s), attributes=row) for row, s in zip(chosen, scores)]
+        return merge_products(self.index, queries, rows, k)
 
     # -- description (GetSchema) -------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
+        index = self.index  # one version for the whole description
         return {
             "schema": self.schema.to_dict(),
             "default_model": self.default_model,
@@ -194,12 +347,106 @@ class RetrievalService:
                 for m in self.models.values()
             ],
             "index": {
-                "version": self.index.version, "count": len(self.index), "dimension": self.index.manifest["dimension"],
-                "metric": self.index.manifest["metric"], "index_type": self.index.manifest["index_type"],
-                "embedder": self.index.embedder, "catalogue": self.index.manifest["catalogue"],
+                "version": index.version, "count": len(index), "dimension": index.manifest["dimension"],
+                "metric": index.manifest["metric"], "index_type": index.manifest["index_type"],
+                "embedder": index.embedder, "catalogue": index.manifest["catalogue"],
             },
-            "limits": self.limits.__dict__,
+            "limits": self.limits.as_dict(),
         }
+
+
+def merge_products(index: IndexDirectory, queries: np.ndarray, rows: np.ndarray, k: int) -> list[Product]:
+    ranked, scores = merge_by_mean_similarity(index, queries, rows, k)
+    chosen = index.product_rows(ranked.tolist())
+    return [Product(id=row.pop("id"), score=float(s), attributes=row) for row, s in zip(chosen, scores)]
+
+
+def check_index(index: IndexDirectory, models: Mapping[str, LoadedModel], embedder: Embedder | None = None) -> Embedder:
+    """The embedder that matches `index` (`embedder` reused when it is that one), after checking
+    that the index's embedder weights are the ones here and that every model fits its schema."""
+    spec = index.embedder
+    if embedder is None or (embedder.name, embedder.input_size) != (spec["name"], int(spec["input_size"])):
+        embedder = build_embedder(spec["name"], int(spec["input_size"]))
+    if embedder.weights_sha256 != spec["weights_sha256"]:
+        raise IncompatibleArtifacts(
+            f"index {index.path} was built with {spec['name']} weights {spec['weights_sha256'][:12]}, "
+            f"but the weights here hash to {embedder.weights_sha256[:12]}: reindex, or install the same weights"
+        )
+    if int(index.manifest["dimension"]) != embedder.dim:
+        raise IncompatibleArtifacts(
+            f"index {index.path} holds {index.manifest['dimension']}-d vectors but {spec['name']} gives {embedder.dim}-d"
+        )
+    for name, model in models.items():
+        difference = model.generator.schema.fits_within(index.schema)
+        if difference:
+            raise IncompatibleArtifacts(f"model {name!r} does not fit index {index.path}: {difference}")
+    return embedder
+
+
+class Deadline:
+    """The caller's deadline on `clock`; `check(stage)` stops the request before that stage."""
+
+    def __init__(self, seconds: float | None, clock: Callable[[], float]):
+        self.seconds, self.clock = seconds, clock
+        self.at = None if seconds is None else clock() + seconds
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else self.at - self.clock()
+
+    def check(self, stage: str) -> None:
+        if self.at is not None and self.clock() >= self.at:
+            skipped = STAGES[STAGES.index(stage):]
+            raise DeadlineExceeded(
+                f"the request's deadline ({self.seconds * 1000:.0f} ms) passed before stage {stage!r}; "
+                f"not run: {', '.join(skipped)}"
+            )
+
+
+class Admission:
+    """A bounded queue per model: up to `max_running_per_model` generate at once, and at most
+    `max_queue_per_model` are admitted (running or waiting); beyond that `Overloaded` at once."""
+
+    def __init__(self, limits: Limits):
+        self.max_queue = limits.max_queue_per_model
+        self.max_running = min(limits.max_running_per_model, limits.max_queue_per_model)
+        self._changed = threading.Condition()
+        self._admitted: Counter[str] = Counter()
+        self._running: Counter[str] = Counter()
+
+    def admitted(self, model: str) -> int:
+        with self._changed:
+            return self._admitted[model]
+
+    @contextlib.contextmanager
+    def slot(self, model: str, deadline: Deadline | None = None) -> Iterator[None]:
+        with self._changed:
+            if self._admitted[model] >= self.max_queue:
+                raise Overloaded(
+                    f"model {model!r} has {self._admitted[model]} requests running or waiting, its queue bound "
+                    f"(max_queue_per_model = {self.max_queue}); retry later"
+                )
+            self._admitted[model] += 1
+            try:
+                while self._running[model] >= self.max_running:
+                    remaining = None if deadline is None else deadline.remaining()
+                    if remaining is not None and remaining <= 0:
+                        raise DeadlineExceeded(
+                            f"the request's deadline ({deadline.seconds * 1000:.0f} ms) passed while it waited for a "
+                            f"run slot of model {model!r} (max_running_per_model = {self.max_running}); "
+                            f"not run: {', '.join(STAGES[1:])}"
+                        )
+                    self._changed.wait(remaining)
+            except BaseException:
+                self._admitted[model] -= 1
+                raise
+            self._running[model] += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running[model] -= 1
+                self._admitted[model] -= 1
+                self._changed.notify_all()
 
 
 def merge_by_mean_similarity(index: IndexDirectory, queries: np.ndarray, rows: np.ndarray, k: int):

@@ -1,25 +1,85 @@
-"""Build and run the gRPC server: the Atelier service, grpc health, server reflection."""
+"""Build and run the gRPC server: the Atelier service, grpc health, server reflection.
+
+Life of a server: it binds its port and answers health checks (NOT_SERVING) before the models
+and index load; it reports SERVING once they have; on shutdown it reports NOT_SERVING first,
+then lets in-flight calls finish. With `watch_index` it swaps to a newly published index
+(RetrievalService.reload_index) without a restart; ReloadIndex does the same on request.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from atelier.retrieval.service import Limits, RetrievalService
-from atelier.server.servicer import AtelierServicer
-from atelier.server.wire import pb, pb_grpc
+from atelier.retrieval.service import IndexRefused, Limits, RetrievalService
+from atelier.server.security import SecurityConfig
+from atelier.server.servicer import AtelierServicer, add_atelier_servicer
+from atelier.server.wire import pb
 
 log = logging.getLogger("atelier.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Atelier"].full_name  # "atelier.v1.Atelier"
+SPARE_WORKERS = 4  # threads beyond the admission bounds, so health and GetSchema always get one
+
+
+def workers_needed(limits: Limits, n_models: int) -> int:
+    """Threads for every request the per-model queues admit, plus spares: with fewer, admitted
+    requests would wait unseen in gRPC's own unbounded queue, where no bound or deadline applies."""
+    return n_models * limits.max_queue_per_model + SPARE_WORKERS
+
+
+class IndexWatcher:
+    """Polls the served index path every `interval` seconds and swaps to a new version.
+
+    A version that fails its checks is logged once (by reload_index) and not retried; the next
+    version published is tried as usual.
+    """
+
+    def __init__(self, service: RetrievalService, interval: float):
+        if interval <= 0:
+            raise ValueError(f"index watch interval must be positive, got {interval}")
+        self.service, self.interval = service, interval
+        self.refused: dict[str, str] = {}  # version -> why
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="index-watcher", daemon=True)
+
+    def start(self) -> "IndexWatcher":
+        self._thread.start()
+        return self
+
+    def poll(self) -> None:
+        try:
+            published = self.service.published_version()
+        except Exception as error:  # e.g. the link is missing for a moment: keep serving, look again
+            log.warning("index watcher: cannot resolve %s: %s", self.service.index_source, error)
+            return
+        if published == self.service.index.version or published in self.refused:
+            return
+        try:
+            self.service.reload_index()
+        except IndexRefused as error:
+            self.refused[error.version or published] = str(error)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+            except Exception:  # the watcher must outlive any one bad poll
+                log.exception("index watcher: poll failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 @dataclass
@@ -27,44 +87,106 @@ class RunningServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    servicer: AtelierServicer
+    watch_index: float | None = None  # seconds between looks at the index path; None: no watcher
+    watcher: IndexWatcher | None = field(default=None, init=False)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def stop(self, grace: float | None = 5.0) -> None:
-        """Report NOT_SERVING, let in-flight calls finish for up to `grace` seconds, stop."""
+    @property
+    def service(self) -> RetrievalService | None:
+        return self.servicer.service
+
+    def attach(self, service: RetrievalService) -> None:
+        """Serve `service` from now on: calls stop getting UNAVAILABLE, health turns SERVING."""
+        self.servicer.service = service
+        if self.watch_index is not None:
+            self.watcher = IndexWatcher(service, self.watch_index).start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)  # ignored once shutting down
+
+    def load(self, open_service: Callable[[], RetrievalService]) -> RetrievalService:
+        """Run the (slow) loader while the port already answers health with NOT_SERVING."""
+        service = open_service()
+        self.attach(service)
+        return service
+
+    def begin_shutdown(self) -> None:
+        """Report NOT_SERVING (for good) while still accepting calls, so balancers move away."""
         self.health.enter_graceful_shutdown()
+
+    def stop(self, grace: float | None = 5.0, drain: float = 0.0) -> None:
+        """Report NOT_SERVING, keep serving `drain` seconds, then refuse new calls and let
+        in-flight ones finish for up to `grace` seconds, and stop."""
+        self.begin_shutdown()
+        if self.watcher is not None:
+            self.watcher.stop()
+        if drain > 0:
+            time.sleep(drain)
         self.server.stop(grace).wait()
 
 
-def start_server(service: RetrievalService, address: str = "127.0.0.1:0", max_workers: int = 8) -> RunningServer:
-    """Start serving `service` on `address` (port 0 = a free port); returns once listening."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"))
-    pb_grpc.add_AtelierServicer_to_server(AtelierServicer(service), server)
+def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0", max_workers: int = 8,
+                 security: SecurityConfig | None = None, *, limits: Limits | None = None,
+                 watch_index: float | None = None) -> RunningServer:
+    """Start serving `service` on `address` (port 0 = a free port); returns once listening.
+
+    `service` None: listen now, health NOT_SERVING and calls UNAVAILABLE until `RunningServer.load`
+    or `attach` gives it one (`limits` then sets the message sizes; else the service's do).
+    `security`: TLS / mutual TLS and bearer tokens (None: plaintext, no checks).
+    `watch_index`: poll the index path this often (seconds) and swap to a new published version.
+    """
+    limits = service.limits if service is not None else (limits or Limits())
+    if service is not None:
+        max_workers = max(max_workers, workers_needed(limits, len(service.models)))
+    # The token check goes first among the interceptors: a refused call costs nothing else.
+    interceptors = security.interceptors() if security else []
+    options = [("grpc.max_receive_message_length", limits.max_request_bytes),
+               ("grpc.max_send_message_length", limits.max_response_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+                         interceptors=interceptors, options=options)
+    servicer = AtelierServicer(None)
+    add_atelier_servicer(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = security.add_port(server, address) if security else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer)
+    running = RunningServer(server, port, health_servicer, servicer, watch_index)
+    if service is not None:
+        running.attach(service)
+    return running
 
 
-def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: int = 8, limits: Limits | None = None) -> None:
-    """`atelier serve`: load, listen, and run until SIGINT/SIGTERM, then shut down gracefully."""
-    service = RetrievalService.open(index, models, limits)
-    running = start_server(service, address, max_workers)
-    log.info("serving %s (models: %s; index %s, %d products) on port %d",
-             SERVICE_NAME, ", ".join(service.models), service.index.version, len(service.index), running.port)
-    print(f"atelier: listening on {address.rsplit(':', 1)[0]}:{running.port}", flush=True)
+def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: int = 8, limits: Limits | None = None,
+          security: SecurityConfig | None = None, *, watch_index: float | None = None, grace: float = 5.0,
+          drain: float = 0.0) -> None:
+    """`atelier serve`: listen (NOT_SERVING), load, serve until SIGINT/SIGTERM, shut down gracefully."""
+    limits = limits or Limits()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    running = start_server(None, address, max(max_workers, workers_needed(limits, len(models))), security=security,
+                           limits=limits, watch_index=watch_index)
+    log.info("security: %s", security.describe() if security else "plaintext, no tokens")
+    log.info("port %d bound (health NOT_SERVING); loading models and index", running.port)
+    try:
+        service = running.load(lambda: RetrievalService.open(index, models, limits))
+    except BaseException:
+        running.stop(grace=0)
+        raise
+    log.info("serving %s (models: %s; index %s, %d products) on port %d%s",
+             SERVICE_NAME, ", ".join(service.models), service.index.version, len(service.index), running.port,
+             f"; watching the index every {watch_index:g} s" if watch_index else "")
+    print(f"atelier: listening on {address.rsplit(':', 1)[0]}:{running.port}", flush=True)
     stop.wait()
-    running.stop()
+    log.info("shutting down: NOT_SERVING, %g s drain, up to %g s for in-flight calls", drain, grace)
+    running.stop(grace, drain)

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from atelier.server.security import open_channel
 from atelier.server.wire import pb, pb_grpc
 
 
 class AtelierClient:
-    def __init__(self, target: str, timeout: float = 60.0):
-        self.channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 60.0,
+        *,
+        tls: bool = False,
+        root_ca: Path | None = None,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
+    ):
+        """Plaintext by default; TLS with `tls` or any certificate file, mutual TLS with
+        `client_cert` + `client_key`; `token` is sent as `authorization: Bearer <token>`
+        (see atelier.server.security.open_channel)."""
+        self.channel = open_channel(target, tls=tls, root_ca=root_ca, client_cert=client_cert, client_key=client_key,
+                                    server_name=server_name, token=token)
         self.stub = pb_grpc.AtelierStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
@@ -48,6 +65,10 @@ class AtelierClient:
 
     def get_schema(self) -> "pb.GetSchemaResponse":
         return self.stub.GetSchema(pb.GetSchemaRequest(), timeout=self.timeout)
+
+    def reload_index(self) -> "pb.ReloadIndexResponse":
+        """Ask the server to serve the index version now published at its index path."""
+        return self.stub.ReloadIndex(pb.ReloadIndexRequest(), timeout=self.timeout)
 
     def health(self, service: str = "") -> str:
         response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)

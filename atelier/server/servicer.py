@@ -1,17 +1,36 @@
-"""The gRPC face of RetrievalService: proto in, domain call, proto out. No logic of its own."""
+"""The gRPC face of RetrievalService: proto in, domain call, proto out. No logic of its own.
+
+Every outcome has its status code, so a client can tell its own mistake from the server's:
+    INVALID_ARGUMENT     the request breaks a rule or a limit (the message names it), or is not
+                         a parseable message at all
+    RESOURCE_EXHAUSTED   the model's queue is full (the message names the bound); retry later
+    DEADLINE_EXCEEDED    the caller's deadline passed; the stages after it were not run
+    UNAVAILABLE          still loading the models and index (health: NOT_SERVING)
+    FAILED_PRECONDITION  ReloadIndex: the newly published index was refused (the message says why)
+    INTERNAL             a bug: logged with its traceback, and the server goes on serving
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import grpc
 
 from atelier.catalog.images import encode_png
-from atelier.retrieval.service import InvalidRequest, RetrievalRequest, RetrievalService
+from atelier.retrieval.service import (
+    DeadlineExceeded,
+    IndexRefused,
+    InvalidRequest,
+    Overloaded,
+    RetrievalRequest,
+    RetrievalService,
+)
 from atelier.server.wire import pb, pb_grpc
 
 log = logging.getLogger("atelier.server")
+NO_DEADLINE = 1e8  # seconds; gRPC reports "no deadline" as a deadline years away
 
 
 def _values(value) -> "pb.AttributeValues":
@@ -20,11 +39,44 @@ def _values(value) -> "pb.AttributeValues":
     return pb.AttributeValues(values=[value] if isinstance(value, str) else list(value))
 
 
+def time_remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the caller's deadline, None when the caller set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > NO_DEADLINE else remaining
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What a request that is not a parseable message becomes, so it is refused as the
+    caller's error (INVALID_ARGUMENT) rather than by gRPC as INTERNAL."""
+
+    reason: str
+
+
+def lenient(message_class):
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception as error:  # DecodeError, invalid UTF-8 in a string field, ...
+            return Malformed(f"the request is not a valid {message_class.DESCRIPTOR.full_name}: {error}")
+    return parse
+
+
 class AtelierServicer(pb_grpc.AtelierServicer):
-    def __init__(self, service: RetrievalService):
-        self.service = service
+    def __init__(self, service: RetrievalService | None = None):
+        self.service = service  # None while the server loads: calls get UNAVAILABLE
+
+    def _ready(self, request, context) -> RetrievalService:
+        if isinstance(request, Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        service = self.service
+        if service is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "the server is loading its models and index (health: NOT_SERVING); retry shortly")
+        return service
 
     def GenerateAndRetrieve(self, request, context):
+        service = self._ready(request, context)
         domain_request = RetrievalRequest(
             attributes={name: list(v.values) if len(v.values) != 1 else v.values[0] for name, v in request.attributes.items()},
             model=request.model,
@@ -34,12 +86,18 @@ class AtelierServicer(pb_grpc.AtelierServicer):
             return_images=request.return_images,
         )
         try:
-            result = self.service.generate_and_retrieve(domain_request)
+            result = service.generate_and_retrieve(domain_request, time_remaining=time_remaining(context))
         except InvalidRequest as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except Overloaded as error:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except DeadlineExceeded as error:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
         except Exception:  # a bug, not the caller's fault: log it, keep serving
             log.exception("GenerateAndRetrieve failed")
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        if time_remaining(context) == 0:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before stage 'encode'")
         start = time.perf_counter()
         images = [
             pb.GeneratedImage(png=encode_png(im), width=im.shape[1], height=im.shape[0]) for im in result.images
@@ -57,7 +115,7 @@ class AtelierServicer(pb_grpc.AtelierServicer):
         )
 
     def GetSchema(self, request, context):
-        info = self.service.describe()
+        info = self._ready(request, context).describe()
         index = info["index"]
         return pb.GetSchemaResponse(
             groups=[pb.AttributeGroup(name=g["name"], values=g["values"], multi_label=g["multi_label"])
@@ -72,3 +130,34 @@ class AtelierServicer(pb_grpc.AtelierServicer):
             ),
             limits=pb.Limits(**info["limits"]),
         )
+
+    def ReloadIndex(self, request, context):
+        service = self._ready(request, context)
+        previous = service.index.version
+        try:
+            version, swapped = service.reload_index()
+        except IndexRefused as error:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except Exception:
+            log.exception("ReloadIndex failed")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        return pb.ReloadIndexResponse(index_version=version, previous_version=previous, swapped=swapped)
+
+
+def add_atelier_servicer(servicer: AtelierServicer, server: grpc.Server) -> None:
+    """Like the generated add_AtelierServicer_to_server, but with request parsers that never
+    raise: gRPC answers a parser's exception with INTERNAL, which would blame the server for
+    the caller's bytes."""
+    methods = pb.DESCRIPTOR.services_by_name["Atelier"].methods
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name),
+            request_deserializer=lenient(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in methods
+    }
+    service_name = pb.DESCRIPTOR.services_by_name["Atelier"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.63: the faster lookup path
+        server.add_registered_method_handlers(service_name, handlers)
