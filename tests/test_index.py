@@ -71,8 +71,10 @@ def test_killed_index_build_leaves_previous_index_loadable(tmp_path, small_catal
     first = reindex(small_catalogue, dest, input_size=32, progress=False)
     before = IndexDirectory.open(dest)
     command = [sys.executable, "-m", "atelier.cli", "index", "--catalogue", str(small_catalogue), "--out", str(dest),
-               "--input-size", "160", "--batch-size", "16", "--quiet"]
-    for delay in (0.5, 3.0, 6.0, 9.0):
+               "--input-size", "224", "--batch-size", "16", "--quiet"]
+    # On a free CPU the 160 px build used to finish at about 9 s, racing the last kill: the
+    # build is now larger and the kills earlier (tests/test_crash_safety.py has exact points).
+    for delay in (0.5, 2.0, 4.0):
         job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         if job.poll() is not None:
@@ -85,7 +87,7 @@ def test_killed_index_build_leaves_previous_index_loadable(tmp_path, small_catal
     # A rerun completes and publishes a new version; the staging leftovers of killed runs never show.
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    assert IndexDirectory.open(dest).manifest["embedder"]["input_size"] == 160
+    assert IndexDirectory.open(dest).manifest["embedder"]["input_size"] == 224
 
 
 def test_undecodable_images_are_skipped_and_listed(tmp_path, small_catalogue, mobilenet_weights):

@@ -30,6 +30,7 @@ from atelier.indexer.index_directory import IndexDirectory
 class KnnJudge:
     index: IndexDirectory
     groups: tuple[str, ...]  # the single-label groups it judges
+    columns: dict[str, list]  # group -> its value for each index row, read once
     k: int = 10
 
     @classmethod
@@ -38,17 +39,16 @@ class KnnJudge:
         groups = tuple(g.name for g in schema.groups if not g.multi_label)
         if not groups:
             raise ValueError("the schema has no single-label attribute group to judge")
-        return cls(index, groups, k)
+        return cls(index, groups, {g: index.products.column(g).to_pylist() for g in groups}, k)
 
     def predict(self, vectors: np.ndarray, exclude_rows: np.ndarray | None = None) -> list[dict[str, Any]]:
         """Per vector, the commonest value of each group among its k nearest products."""
         extra = 1 if exclude_rows is not None else 0
         _, rows = self.index.search(vectors, self.k + extra)
-        columns = {g: self.index.products.column(g).to_pylist() for g in self.groups}
         predictions = []
         for i, neighbours in enumerate(rows):
             kept = [r for r in neighbours if r >= 0 and (exclude_rows is None or r != exclude_rows[i])][: self.k]
-            predictions.append({g: Counter(columns[g][r] for r in kept).most_common(1)[0][0] for g in self.groups})
+            predictions.append({g: Counter(self.columns[g][r] for r in kept).most_common(1)[0][0] for g in self.groups})
         return predictions
 
 

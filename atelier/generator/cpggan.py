@@ -237,8 +237,13 @@ class ProgressiveDiscriminator(nn.Module):
 
 
 # -- losses (module-level so tests can check them against hand computations) -------------------
+def mean_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """The mean, or 0 for an empty tensor (a batch with no mismatched pair has no wrong term)."""
+    return x.mean() if x.numel() else x.new_zeros(())
+
+
 def lse_discriminator_loss(real_right, fake, real_wrong) -> torch.Tensor:
-    return (real_right - 1).pow(2).mean() + (fake + 1).pow(2).mean() + (real_wrong + 1).pow(2).mean()
+    return (real_right - 1).pow(2).mean() + (fake + 1).pow(2).mean() + mean_or_zero((real_wrong + 1).pow(2))
 
 
 def lse_generator_loss(fake) -> torch.Tensor:
@@ -246,12 +251,13 @@ def lse_generator_loss(fake) -> torch.Tensor:
 
 
 def wgan_mismatch_discriminator_loss(real_right, fake, real_wrong, gradient_penalty) -> torch.Tensor:
-    return -(real_right.mean() - fake.mean()) - (real_right.mean() - real_wrong.mean()) + gradient_penalty
+    wrong_term = real_right.mean() - real_wrong.mean() if real_wrong.numel() else real_right.new_zeros(())
+    return -(real_right.mean() - fake.mean()) - wrong_term + gradient_penalty
 
 
 def drift_penalty(*logits: torch.Tensor) -> torch.Tensor:
     """PGGAN's drift term: the mean squared logit, keeping the critic's scale from wandering off."""
-    return sum(x.pow(2).mean() for x in logits)
+    return sum(mean_or_zero(x.pow(2)) for x in logits)
 
 
 def wgan_generator_loss(fake) -> torch.Tensor:
@@ -320,16 +326,15 @@ class CPGGANTrainer:
         self.opt_d.zero_grad(set_to_none=True)
         d_right = self.d(real, condition, level, alpha)
         d_fake = self.d(fake.detach(), condition, level, alpha)
-        # with no mismatched row in the batch, the wrong-pair term contributes nothing
-        d_wrong = self.d(real[differs], wrong[differs], level, alpha) if differs.any() else None
+        # with no mismatched row in the batch, d_wrong is empty and its terms contribute nothing
+        d_wrong = self.d(real[differs], wrong[differs], level, alpha) if differs.any() else d_right[:0]
         if self.cfg.loss == "lse":
-            loss_d = lse_discriminator_loss(d_right, d_fake, d_wrong if d_wrong is not None else d_right.new_full((1,), -1.0))
+            loss_d = lse_discriminator_loss(d_right, d_fake, d_wrong)
             stats = {}
         else:
             gp = gradient_penalty(self.d, real, fake.detach(), condition, level, alpha)
-            wrong_term = d_wrong if d_wrong is not None else d_right
-            loss_d = wgan_mismatch_discriminator_loss(d_right, d_fake, wrong_term, self.cfg.gp_weight * gp)
-            loss_d = loss_d + self.cfg.drift * drift_penalty(d_right, wrong_term)
+            loss_d = wgan_mismatch_discriminator_loss(d_right, d_fake, d_wrong, self.cfg.gp_weight * gp)
+            loss_d = loss_d + self.cfg.drift * drift_penalty(d_right, d_wrong)
             stats = {"gp": gp.item()}
         loss_d.backward()
         self.opt_d.step()

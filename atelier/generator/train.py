@@ -128,8 +128,6 @@ def train(cfg: TrainConfig) -> Path:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     images, conditions = images.to(device), conditions.to(device)
-    if len(images) < cfg.batch_size:
-        raise ValueError(f"{len(images)} training images is fewer than one batch of {cfg.batch_size}")
 
     cls = family(cfg.model)
     start_epoch, images_seen, elapsed_before = 0, 0, 0.0

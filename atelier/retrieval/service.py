@@ -181,15 +181,9 @@ class RetrievalService:
         if not model_paths:
             raise ValueError("at least one model is needed (name -> checkpoint folder)")
         index = IndexDirectory.open(index_path)
-        embedder = check_index(index, {})
-        models = {}
-        for name, path in model_paths.items():
-            generator, manifest = load_generator(path)
-            difference = generator.schema.fits_within(index.schema)
-            if difference:
-                raise IncompatibleArtifacts(f"model {name!r} ({path}) does not fit index {index.path}: {difference}")
-            models[name] = LoadedModel(name, generator, manifest)
-        return cls(index, embedder, models, limits, index_source=index_path)
+        embedder = check_index(index, {})  # a wrong embedder fails before the slow model loading
+        models = {name: LoadedModel(name, *load_generator(path)) for name, path in model_paths.items()}
+        return cls(index, embedder, models, limits, index_source=index_path)  # checks every model's schema
 
     # -- the served index, and swapping it ----------------------------------------------------
     @property
@@ -331,9 +325,6 @@ class RetrievalService:
             model=model.name, model_version=model.version, index_version=served.version, seed=seed,
             num_samples=n,
         )
-
-    def merge(self, queries: np.ndarray, rows: np.ndarray, k: int) -> list[Product]:
-        return merge_products(self.index, queries, rows, k)
 
     # -- description (GetSchema) -------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
