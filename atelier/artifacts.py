@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+COMMITTED_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"  # trained weights in the repository
 MANIFEST = "manifest.json"
 KEEP_VERSIONS = 3  # old versions kept so readers that resolved one just before a swap finish
 

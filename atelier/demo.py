@@ -23,12 +23,13 @@ import pyarrow.compute as pc
 from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue
 from atelier.generator.train import TrainConfig, train
+from atelier.indexer.embedders import Embedder, build_embedder, embedder_for_catalogue
 from atelier.indexer.runner import reindex
 from atelier.retrieval.service import RetrievalService
 from atelier.server.app import start_server
 from atelier.server.client import AtelierClient
 
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+CHECKPOINTS = artifacts.COMMITTED_CHECKPOINTS
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,14 @@ def _say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def _index_is_current(index: Path, catalogue: Catalogue, input_size: int) -> bool:
+def _index_is_current(index: Path, catalogue: Catalogue, embedder: Embedder) -> bool:
     try:
         manifest = artifacts.read_manifest(artifacts.resolve(index), "index", verify=False)
     except artifacts.ArtifactError:
         return False
     return (manifest["catalogue"]["fingerprint"] == catalogue.fingerprint
-            and manifest["embedder"]["input_size"] == input_size)
+            and manifest["embedder"]["weights_sha256"] == embedder.weights_sha256
+            and manifest["embedder"]["input_size"] == embedder.input_size)
 
 
 def _catalogue(folder: Path, importer: Callable, source: Path | None, what: str) -> Catalogue:
@@ -152,11 +154,14 @@ def run_demo(out: Path, dataset: str = "fashion-mnist", train_seconds: float = 1
     shutil.copyfile(artifacts.resolve(model_dir) / "samples.png", grid)
 
     index_dir = out / "index"
-    if _index_is_current(index_dir, index_catalogue, input_size):
+    embedder_name = embedder_for_catalogue(index_catalogue.name)  # the one measured best for it
+    embedder = build_embedder(embedder_name, input_size)
+    if _index_is_current(index_dir, index_catalogue, embedder):
         _say(f"index: reusing {index_dir}")
     else:
-        _say(f"index: embedding {len(index_catalogue)} products with mobilenet_v2 at {input_size} px")
-        reindex(index_catalogue_dir, index_dir, input_size=input_size)
+        what = "mobilenet_v2 (ImageNet)" if embedder.name == "mobilenet_v2" else f"the in-domain {embedder_name}"
+        _say(f"index: embedding {len(index_catalogue)} products with {what} at {embedder.input_size} px")
+        reindex(index_catalogue_dir, index_dir, embedder_name=embedder_name, input_size=input_size)
 
     service = RetrievalService.open(index_dir, {spec.model: model_dir})
     server = start_server(service)
@@ -191,7 +196,7 @@ def run_demo(out: Path, dataset: str = "fashion-mnist", train_seconds: float = 1
     results = {
         "dataset": dataset, "precision_at_k": precision, "random_precision_at_k": chance, "top_k": spec.top_k,
         "health": health,
-        "num_samples": num_samples, "input_size": input_size, "index_products": len(index_catalogue),
+        "num_samples": num_samples, "embedder": embedder.describe(), "index_products": len(index_catalogue),
         "model": str(model_dir),
         "model_training": artifacts.read_manifest(artifacts.resolve(model_dir), verify=False).get("training", {}),
         "seconds": round(time.perf_counter() - started, 1),

@@ -1,4 +1,5 @@
-"""Model comparison: the k-NN judge, diversity, and `atelier eval` on real products and real models."""
+"""`atelier eval` end to end on real Fashion Product Images rows: an independent judge, IS, FID,
+conditioning accuracy, retrieval precision against the baselines, and a compositional hold-out."""
 
 import json
 
@@ -7,75 +8,127 @@ import pytest
 
 from atelier.catalog.fashion_product_images import import_fashion_product_images
 from atelier.cli import main
-from atelier.evaluation.conditioning import KnnJudge, combinations_in_index, pairwise_diversity
-from atelier.evaluation.compare import compare_models
+from atelier.evaluation.compare import REAL, EvalSettings, compare_models
+from atelier.evaluation.conditioning import combinations_in_index, mean_pairwise_cosine_distance, score
+from atelier.evaluation.retrieval_quality import BASELINES, METADATA
 from atelier.generator.train import TrainConfig, train
+from atelier.indexer.attribute_net import AttributeTrainConfig, train_attribute_net
 from atelier.indexer.index_directory import IndexDirectory
 from atelier.indexer.runner import reindex
 
 TINY = {"g_width": 4, "d_width": 8, "embed_dim": 8, "latent_dim": 16, "image_size": 32}
+SMALL = EvalSettings(samples=3, min_products=4, is_images=40, is_splits=2, fid_images=0, retrieval_samples=2,
+                     progress=False)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, fpi_parquet, mobilenet_weights):
     root = tmp_path_factory.mktemp("eval")
-    import_fashion_product_images(fpi_parquet, root / "apparel", "apparel-6x6", size=32, limit=240, progress=False)
+    import_fashion_product_images(fpi_parquet, root / "apparel", "apparel-6x6", size=32, limit=400, progress=False)
     train(TrainConfig(catalogue=root / "apparel", out=root / "mcgan", model="mcgan", batch_size=16, max_steps=2,
-                      progress=False, split=None, model_overrides=TINY))
+                      progress=False, model_overrides=TINY, hold_out_groups=("type", "colour"),
+                      hold_out_fraction=0.05, hold_out_min_rows=4))
+    train_attribute_net(AttributeTrainConfig(root / "apparel", root / "judge", input_size=32, epochs=1,
+                                             batch_size=32, progress=False))
     reindex(root / "apparel", root / "index", input_size=32, progress=False)
     return root
 
 
-def test_judge_votes_among_neighbours_and_can_leave_a_product_out(stack):
+def test_scores_and_diversity_on_hand_made_values():
+    asked = [{"type": "a", "colour": "x"}] * 4
+    judged = [{"type": "a", "colour": "x"}, {"type": "a", "colour": "y"}, {"type": "b", "colour": "x"},
+              {"type": "b", "colour": "y"}]
+    assert score(asked, judged, ("type", "colour")) == {"type": 0.5, "colour": 0.5, "all": 0.25}
+    same = np.tile([[3.0, 4.0]], (3, 1))
+    assert mean_pairwise_cosine_distance(same) == pytest.approx(0.0, abs=1e-9)
+    orthogonal = np.array([[1.0, 0.0], [0.0, 2.0], [5.0, 0.0]])  # distances 1, 0, 1 -> mean 2/3
+    assert mean_pairwise_cosine_distance(orthogonal) == pytest.approx(2 / 3)
+
+
+def test_eval_grades_models_and_real_products_and_splits_the_hold_out(stack):
+    report, visuals = compare_models(stack / "index", stack / "apparel", {"mcgan": stack / "mcgan"},
+                                     stack / "judge", SMALL)
     index = IndexDirectory.open(stack / "index")
-    judge = KnnJudge.over(index, index.schema, k=1)
-    assert judge.groups == ("type", "colour")
-    rows = np.arange(20)
-    vectors = index.vectors(rows)
-    products = index.product_rows(rows.tolist())
-    own = judge.predict(vectors)  # the nearest product of a product's own vector is itself
-    assert own == [{"type": p["type"], "colour": p["colour"]} for p in products]
-    _, neighbours = index.search(vectors, 2)
-    others = index.product_rows(neighbours[:, 1].tolist())
-    left_out = judge.predict(vectors, exclude_rows=rows)
-    assert left_out == [{"type": p["type"], "colour": p["colour"]} for p in others]
-
-
-def test_diversity_is_zero_for_copies_and_measures_pixel_differences():
-    vectors = np.tile(np.array([[0.6, 0.8]], dtype=np.float32), (3, 1))
-    images = np.zeros((3, 2, 2, 1), dtype=np.uint8)
-    assert pairwise_diversity(vectors, images) == (pytest.approx(0.0, abs=1e-6), 0.0)
-    images[1] = 30  # pairs: (0,1) 30, (0,2) 0, (1,2) 30 -> mean 20
-    orthogonal = np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float32)  # cosine distances 1, 0, 1 -> 2/3
-    cosine, pixels = pairwise_diversity(orthogonal, images)
-    assert cosine == pytest.approx(2 / 3) and pixels == pytest.approx(20.0)
-
-
-def test_compare_scores_models_and_real_products_over_common_combinations(stack):
-    index = IndexDirectory.open(stack / "index")
-    conditions = combinations_in_index(index, index.schema, minimum=5)
-    assert conditions and all(set(c) == {"type", "colour"} for c in conditions)
-    report = compare_models(stack / "index", stack / "apparel", {"mcgan": stack / "mcgan"}, samples=3, minimum=5,
-                            progress=False)
-    assert report["conditions"] == conditions
-    real, model = report["results"]["real products"], report["results"]["mcgan"]
-    assert model["images"] == 3 * len(conditions) and model["family"] == "mcgan"
+    held_out = report["held_out"]
+    assert len(held_out) == 2  # 5% of 6 x 6 pairs
+    assert report["conditions"] == combinations_in_index(index, index.schema, 4)
+    assert all(c in report["conditions"] for c in held_out)
+    real, model = report["results"][REAL], report["results"]["mcgan"]
     for result in (real, model):
+        for group in ("type", "colour"):
+            assert 1.0 <= result["inception_score"][group]["mean"] <= 6.0  # 6 values per group
         assert set(result["accuracy"]) == {"type", "colour", "all"}
-        assert all(0 <= v <= 1 for v in result["accuracy"].values())
         assert result["accuracy"]["all"] <= min(result["accuracy"]["type"], result["accuracy"]["colour"])
-        assert result["diversity_cosine"] >= 0 and result["diversity_pixels"] >= 0
-    assert real["diversity_pixels"] > 0  # different products differ
+        assert result["accuracy_held_out"] is not None and result["accuracy_seen"] is not None
+    assert model["images"] == 40 and model["fid_judge"] > 0 and real["fid_judge"] >= 0
+    # per condition: samples judged, the majority answer, held-out flags
+    rows = model["per_condition"]
+    assert [r["condition"] for r in rows] == report["conditions"]
+    assert sum(r["held_out"] for r in rows) == 2 and all(r["images"] == 3 for r in rows)
+    # retrieval: every baseline and the model over the same conditions; the metadata filter is exact
+    retrieval = report["retrieval"]
+    assert set(retrieval["methods"]) == {*BASELINES, "mcgan"}
+    exact = [e for e in retrieval["per_condition"][METADATA]]
+    assert all(e["precision"]["all"]["1"] == 1.0 for e in exact)
+    assert set(report["retrieval_by_split"]) == {"seen", "held_out"}
+    assert visuals["mcgan"]["conditions"][0]["retrieved"][0]["attributes"].keys() >= {"type", "colour"}
+    json.dumps(report, default=float)  # JSON-ready
 
 
-def test_eval_command_prints_the_table_and_writes_json(stack, tmp_path, capsys):
-    out = tmp_path / "eval.json"
-    code = main(["eval", "--index", str(stack / "index"), "--catalogue", str(stack / "apparel"), "--model",
-                 f"tiny={stack / 'mcgan'}", "--samples", "2", "--min-products", "5", "--out", str(out), "--quiet"])
+def test_a_judge_of_another_schema_is_refused(stack, tmp_path, small_catalogue):
+    train_attribute_net(AttributeTrainConfig(small_catalogue, tmp_path / "fm-judge", input_size=32, epochs=1,
+                                             limit=64, progress=False))
+    with pytest.raises(ValueError, match="does not judge group 'type'"):
+        compare_models(stack / "index", stack / "apparel", {"mcgan": stack / "mcgan"}, tmp_path / "fm-judge", SMALL)
+
+
+def test_eval_command_writes_json_markdown_and_html_with_inception_fid(stack, tmp_path, capsys):
+    from atelier.evaluation.fid_inception import FidWeightsUnavailable, locate_weights
+
+    try:
+        locate_weights()
+    except FidWeightsUnavailable as error:
+        from conftest import missing
+
+        missing(str(error))
+    out = tmp_path / "report"
+    code = main(["eval", "--index", str(stack / "index"), "--catalogue", str(stack / "apparel"), "--judge",
+                 str(stack / "judge"), "--model", f"tiny={stack / 'mcgan'}", "--samples", "2", "--min-products", "4",
+                 "--is-images", "20", "--is-splits", "2", "--fid-images", "8", "--retrieval-samples", "2",
+                 "--out", str(out), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| tiny |" in printed and "| real products |" in printed and "type acc." in printed
-    assert set(json.loads(out.read_text())["results"]) == {"real products", "tiny"}
-    assert main(["eval", "--index", str(stack / "index"), "--catalogue", str(stack / "apparel"), "--model",
-                 str(stack / "mcgan"), "--min-products", "100000", "--quiet"]) == 2
+    assert "| tiny |" in printed and f"| {REAL} |" in printed and "FID (Inception)" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["fid_network"]["sha256"] and report["results"]["tiny"]["fid_inception"] > 0
+    assert "kid_inception" in report["results"]["tiny"] and report["results"]["tiny"]["fid_images"] == 8
+    assert report["command"].startswith("atelier ")
+    html = (out / "report.html").read_text()
+    assert "tiny" in html and "data:image/png;base64," in html and "Compositional hold-out" in html
+    assert "Compositional hold-out" in (out / "report.md").read_text()
+    assert main(["eval", "--index", str(stack / "index"), "--catalogue", str(stack / "apparel"), "--judge",
+                 str(stack / "judge"), "--model", str(stack / "mcgan"), "--min-products", "100000",
+                 "--out", str(tmp_path / "nothing"), "--quiet"]) == 2
     assert "lower --min-products" in capsys.readouterr().err
+
+
+def test_hold_out_removes_the_drawn_combinations_from_training_and_refuses_bad_options(stack, tmp_path):
+    from atelier import artifacts
+    from atelier.catalog.catalogue import Catalogue
+    from atelier.generator.train import held_out_combinations
+
+    catalogue = Catalogue.open(stack / "apparel")
+    train_rows = catalogue.attributes(split="train").select(["type", "colour"]).to_pylist()
+    training = artifacts.read_manifest(artifacts.resolve(stack / "mcgan"))["training"]
+    held = training["held_out"]
+    assert held == held_out_combinations(catalogue.schema, train_rows, ("type", "colour"), 0.05, 0, 4)  # repeatable
+    assert training["rows"] == sum(1 for r in train_rows if r not in held)
+    with pytest.raises(ValueError, match="not a single-label group"):
+        held_out_combinations(catalogue.schema, train_rows, ("type", "size"), 0.1, 0, 4)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        held_out_combinations(catalogue.schema, train_rows, ("type", "colour"), 1.5, 0, 4)
+    with pytest.raises(ValueError, match="lower --hold-out-min-rows"):
+        held_out_combinations(catalogue.schema, train_rows, ("type", "colour"), 0.5, 0, 4)
+    with pytest.raises(ValueError, match="repeat the original --hold-out"):  # a resume must hold out the same
+        train(TrainConfig(catalogue=stack / "apparel", out=stack / "mcgan", model="mcgan", batch_size=16, max_steps=1,
+                          progress=False, resume=True))

@@ -52,6 +52,11 @@ class TrainConfig:
     progress: bool = True
     command: str | None = None  # recorded in the manifest
     device: str = "auto"  # cpu, cuda, or auto (cuda when available)
+    # compositional hold-out: this fraction of all value combinations of these groups is removed
+    # from training (drawn with `seed` among those with >= hold_out_min_rows rows) and recorded
+    hold_out_groups: tuple[str, ...] = ()
+    hold_out_fraction: float = 0.1
+    hold_out_min_rows: int = 40
 
 
 def prepare_data(catalogue: Catalogue, split: str | None, limit: int | None, image_size: int | None):
@@ -65,6 +70,36 @@ def prepare_data(catalogue: Catalogue, split: str | None, limit: int | None, ima
     conditions = np.stack([schema.encode({k: v for k, v in a.items() if v is not None}, require_all=False) for a in attrs])
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     return tensor.contiguous(), torch.from_numpy(conditions), attrs
+
+
+def held_out_combinations(schema: AttributeSchema, attrs: list[dict[str, Any]], groups: tuple[str, ...],
+                          fraction: float, seed: int, min_rows: int) -> list[dict[str, str]]:
+    """`fraction` of all value combinations of `groups` (10% of 6 x 6 type x colour pairs -> 4).
+
+    Drawn among the combinations with at least `min_rows` rows, so each held-out one has real
+    products to judge and retrieve against; the same seed and catalogue give the same draw.
+    """
+    for name in groups:
+        if name not in schema.names or schema.group(name).multi_label:
+            single = [g.name for g in schema.groups if not g.multi_label]
+            raise ValueError(f"--hold-out group {name!r} is not a single-label group of the catalogue; allowed: {single}")
+    if len(groups) < 2:
+        raise ValueError("--hold-out needs at least two groups (a combination of attributes), e.g. type,colour")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--hold-out-fraction {fraction} must be between 0 and 1")
+    total = int(np.prod([len(schema.group(g).values) for g in groups]))
+    wanted = max(1, round(fraction * total))
+    counts: dict[tuple, int] = {}
+    for a in attrs:
+        key = tuple(a.get(g) for g in groups)
+        if None not in key:
+            counts[key] = counts.get(key, 0) + 1
+    candidates = sorted(k for k, n in counts.items() if n >= min_rows)
+    if len(candidates) < wanted:
+        raise ValueError(f"only {len(candidates)} combinations of {groups} have {min_rows}+ rows, "
+                         f"fewer than the {wanted} to hold out; lower --hold-out-min-rows or the fraction")
+    chosen = np.random.default_rng(seed).choice(len(candidates), size=wanted, replace=False)
+    return [dict(zip(groups, candidates[i])) for i in sorted(chosen)]
 
 
 def _background(images: np.ndarray) -> int:
@@ -125,6 +160,12 @@ def train(cfg: TrainConfig) -> Path:
     np.random.seed(cfg.seed)
     catalogue = Catalogue.open(cfg.catalogue)
     images, conditions, attrs = prepare_data(catalogue, cfg.split, cfg.limit, cfg.image_size)
+    held_out: list[dict[str, str]] = []
+    if cfg.hold_out_groups:
+        held_out = held_out_combinations(catalogue.schema, attrs, tuple(cfg.hold_out_groups), cfg.hold_out_fraction,
+                                         cfg.seed, cfg.hold_out_min_rows)
+        keep = [i for i, a in enumerate(attrs) if not any(all(a.get(g) == v for g, v in h.items()) for h in held_out)]
+        images, conditions, attrs = images[keep], conditions[keep], [attrs[i] for i in keep]
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     images, conditions = images.to(device), conditions.to(device)
@@ -148,6 +189,9 @@ def train(cfg: TrainConfig) -> Path:
         for name, module in trainer.extra_state().items():
             load_extra(source, name, module)
         done = manifest.get("training", {})
+        if source == cfg.out and done.get("held_out", []) != held_out:
+            raise ValueError(f"{source} was trained holding out {done.get('held_out', [])}, this run would hold "
+                             f"out {held_out}: repeat the original --hold-out options")
         if source == cfg.out:  # resume: the counts go on
             start_epoch, images_seen = int(done.get("epochs", 0)), int(done.get("images_seen", 0))
             elapsed_before = float(done.get("seconds", 0.0))
@@ -191,6 +235,8 @@ def train(cfg: TrainConfig) -> Path:
         }
         if init_record:
             training["init_from"] = init_record
+        if held_out:
+            training["held_out"] = held_out  # combinations never seen in training (`atelier eval` reads them)
         return save_checkpoint(model, cfg.out, training, extra=trainer.extra_state(), files={"samples.png": png})
 
     for epoch in range(start_epoch, start_epoch + cfg.epochs):

@@ -4,6 +4,11 @@ The same Embedder embeds catalogue images (at index time) and generated images (
 time), through the same `prepare` + `forward` path, so both land in one vector space. The
 index manifest records name, input size and a hash of the weights; retrieval rebuilds the
 embedder from that record and refuses to search if the weights differ.
+
+Two kinds: ImageNet backbones by name (`mobilenet_v2`), and in-domain embedders trained on a
+catalogue's attributes (`atelier train-attributes --architecture mobilenet_v2`), given by the
+folder they were published to. An index built with a trained one carries a copy of its files
+in `embedder/`, so the index alone rebuilds the embedder that made it.
 """
 
 from __future__ import annotations
@@ -66,8 +71,9 @@ class Embedder:
     """uint8 images (N, H, W, 1|3) -> float32 (N, dim), L2-normalised, inner product = cosine."""
 
     def __init__(self, name: str, backbone: nn.Module, dim: int, input_size: int,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, files: Path | None = None):
         self.name, self.dim, self.input_size = name, dim, input_size
+        self.files = files  # trained embedders: the folder whose config + weights an index copies
         self.backbone = backbone.eval().to(memory_format=torch.channels_last)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
@@ -76,7 +82,17 @@ class Embedder:
         self.weights_sha256 = weights_hash(self.backbone)
 
     def describe(self) -> dict:
-        return {"name": self.name, "input_size": self.input_size, "dim": self.dim, "weights_sha256": self.weights_sha256}
+        spec = {"name": self.name, "input_size": self.input_size, "dim": self.dim, "weights_sha256": self.weights_sha256}
+        if self.files is not None:
+            spec["files"] = INDEX_EMBEDDER_FOLDER
+        return spec
+
+    def copy_files(self, folder: Path) -> None:
+        """Put a trained embedder's config and weights in `folder` (an index's embedder/)."""
+        if self.files is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in TRAINED_FILES:
+                shutil.copyfile(self.files / name, folder / name)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """One uint8 (H, W, C) image -> uint8 (S, S, 3): square (aspect kept), RGB."""
@@ -114,12 +130,60 @@ def _mobilenet_v2(input_size: int) -> Embedder:
 EMBEDDERS: dict[str, Callable[[int], Embedder]] = {"mobilenet_v2": _mobilenet_v2}
 DEFAULT_EMBEDDER = "mobilenet_v2"
 DEFAULT_INPUT_SIZE = 64
+TRAINED_NAME = "attribute-net"
+TRAINED_FILES = ("config.json", "weights.safetensors")
+INDEX_EMBEDDER_FOLDER = "embedder"
+
+
+def trained_embedder(folder: Path) -> Embedder:
+    """An attribute network's penultimate layer as an embedder (its own input size)."""
+    from atelier.indexer.attribute_net import read_attribute_net_files
+
+    folder = Path(folder)
+    missing = [name for name in TRAINED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{folder} is not a trained embedder: {', '.join(missing)} missing")
+    net = read_attribute_net_files(folder)
+    backbone = nn.Sequential(net.backbone, net.bottleneck)
+    return Embedder(TRAINED_NAME, backbone, dim=net.config.feature_dim, input_size=net.config.input_size, files=folder)
 
 
 def build_embedder(name: str = DEFAULT_EMBEDDER, input_size: int = DEFAULT_INPUT_SIZE) -> Embedder:
+    """An ImageNet backbone by name, or a trained embedder by its folder (which fixes the input size)."""
     if name not in EMBEDDERS:
-        raise ValueError(f"unknown embedder {name!r}; available: {', '.join(sorted(EMBEDDERS))}")
+        if Path(name).is_dir():
+            from atelier import artifacts
+
+            return trained_embedder(artifacts.resolve(Path(name)))
+        raise ValueError(f"unknown embedder {name!r}; available: {', '.join(sorted(EMBEDDERS))}, "
+                         "or the folder of one trained by `atelier train-attributes`")
     if not 32 <= input_size <= 512:
         raise ValueError(f"embedder input size {input_size} out of range 32..512")
     return EMBEDDERS[name](input_size)
+
+
+AUTO = "auto"
+# The embedder each catalogue is indexed with by default: chosen by measurement (docs/evaluation.md,
+# attribute precision@k of GenerateAndRetrieve), the in-domain ones beat ImageNet mobilenet_v2.
+CATALOGUE_EMBEDDERS = {
+    "fashion-mnist": "embedder-fashion-mnist",
+    "fashion-product-images-apparel-6x6": "embedder-fpi-apparel",
+    "fashion-product-images-apparel-6x6-all": "embedder-fpi-apparel",
+}
+
+
+def embedder_for_catalogue(catalogue_name: str) -> str:
+    """`auto` resolved: the committed in-domain embedder measured best for this catalogue, if it
+    is here, else ImageNet mobilenet_v2."""
+    from atelier.artifacts import COMMITTED_CHECKPOINTS
+
+    folder = COMMITTED_CHECKPOINTS / CATALOGUE_EMBEDDERS.get(catalogue_name, "-")
+    return str(folder) if (folder / "manifest.json").is_file() else DEFAULT_EMBEDDER
+
+
+def embedder_of_index(spec: dict, index_folder: Path) -> Embedder:
+    """Rebuild the embedder an index manifest names (a trained one from the index's own copy)."""
+    if "files" in spec:
+        return trained_embedder(Path(index_folder) / spec["files"])
+    return build_embedder(spec["name"], int(spec["input_size"]))
 

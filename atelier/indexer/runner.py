@@ -19,7 +19,9 @@ import torch
 
 from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue
-from atelier.indexer.embedders import DEFAULT_EMBEDDER, DEFAULT_INPUT_SIZE, build_embedder
+from atelier.indexer.embedders import (
+    AUTO, DEFAULT_EMBEDDER, DEFAULT_INPUT_SIZE, INDEX_EMBEDDER_FOLDER, build_embedder, embedder_for_catalogue,
+)
 from atelier.indexer.mapper import EmbeddingMapper
 from atelier.indexer.reader import CatalogueReader
 from atelier.indexer.writer import IndexWriter
@@ -38,14 +40,20 @@ def reindex(
     threads: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Embed every catalogue image and publish the index at `dest`; returns the version folder."""
+    """Embed every catalogue image and publish the index at `dest`; returns the version folder.
+
+    `embedder_name`: an ImageNet backbone's name, a trained embedder's folder, or `auto` (the
+    one measured best for this catalogue, see `embedder_for_catalogue`)."""
     if not 0.0 <= max_failed_fraction <= 1.0:
         raise ValueError(f"max_failed_fraction must be within [0, 1], got {max_failed_fraction}")
     if threads:
         torch.set_num_threads(threads)
     catalogue = Catalogue.open(catalogue_path, verify=True)
     with artifacts.staging(dest) as stage:  # removed on failure; a killed job's is removed by the next run
+        if embedder_name == AUTO:
+            embedder_name = embedder_for_catalogue(catalogue.name)
         embedder = build_embedder(embedder_name, input_size)
+        embedder.copy_files(stage / INDEX_EMBEDDER_FOLDER)  # hashed into the manifest with the index files
         reader = CatalogueReader(catalogue, batch_size)
         mapper = EmbeddingMapper(embedder, catalogue.image_channels)
         writer = IndexWriter(

@@ -42,7 +42,7 @@ from atelier import artifacts
 from atelier.catalog.schema import AttributeSchema, InvalidAttributes
 from atelier.generator import ConditionalGenerator, load_generator
 from atelier.generator.base import sample_seeds
-from atelier.indexer.embedders import Embedder, build_embedder
+from atelier.indexer.embedders import Embedder, embedder_of_index
 from atelier.indexer.index_directory import IndexDirectory
 
 log = logging.getLogger("atelier.retrieval")
@@ -356,8 +356,9 @@ def check_index(index: IndexDirectory, models: Mapping[str, LoadedModel], embedd
     """The embedder that matches `index` (`embedder` reused when it is that one), after checking
     that the index's embedder weights are the ones here and that every model fits its schema."""
     spec = index.embedder
-    if embedder is None or (embedder.name, embedder.input_size) != (spec["name"], int(spec["input_size"])):
-        embedder = build_embedder(spec["name"], int(spec["input_size"]))
+    if (embedder is None or (embedder.name, embedder.input_size) != (spec["name"], int(spec["input_size"]))
+            or embedder.weights_sha256 != spec["weights_sha256"]):
+        embedder = embedder_of_index(spec, index.path)
     if embedder.weights_sha256 != spec["weights_sha256"]:
         raise IncompatibleArtifacts(
             f"index {index.path} was built with {spec['name']} weights {spec['weights_sha256'][:12]}, "
