@@ -23,14 +23,11 @@ from atelier.evaluation.retrieval_quality import (
     RANDOM,
     REAL_IMAGE,
     evaluate_retrieval,
-    evaluate_splits,
-    format_markdown,
     generated_queries,
     metadata_filter,
     precision_at_k,
     query_by_real_image,
     random_products,
-    summary_table,
 )
 from atelier.indexer.index_directory import IndexDirectory, write_index_directory
 
@@ -184,17 +181,13 @@ def test_evaluate_retrieval_scores_every_method_and_is_json(service, splits):
     again = evaluate_retrieval(service, ["cgan"], conditions, ks=(1, 5, 10), seed=0, progress=False, num_samples=2,
                                splits=splits)
     assert again["per_condition"] == result["per_condition"]
-    header, rows = summary_table(result)
-    assert header[0] == "method" and [r[0] for r in rows] == [*BASELINES, "cgan"]
-    assert "| metadata filter | 1.000 |" in format_markdown(result)
+    assert list(result["methods"]) == [*BASELINES, "cgan"] and result["methods"][METADATA]["category"]["1"] == 1.0
 
 
-def test_evaluate_splits_and_refusals(service):
-    both = evaluate_splits(service, ["cgan"], {"seen": [{"category": "Coat"}], "held_out": [{"category": "Bag"}]},
-                           ks=(1,), progress=False, num_samples=1)
-    assert set(both) == {"seen", "held_out"} and both["held_out"]["per_condition"][RANDOM][0]["condition"] == \
-        {"category": "Bag"}
-    assert REAL_IMAGE in both["seen"]["notes"]  # the shared index has no split column
+def test_evaluate_retrieval_notes_a_missing_split_and_refuses_bad_requests(service):
+    result = evaluate_retrieval(service, ["cgan"], [{"category": "Bag"}], ks=(1,), progress=False, num_samples=1)
+    assert result["per_condition"][RANDOM][0]["condition"] == {"category": "Bag"}
+    assert REAL_IMAGE in result["notes"]  # the shared index has no split column
     with pytest.raises(ValueError, match="clash"):
         evaluate_retrieval(service, [METADATA], [{"category": "Coat"}], progress=False)
     with pytest.raises(ValueError, match="max_top_k"):
@@ -253,7 +246,8 @@ def test_html_report_from_a_real_evaluation(tmp_path, service, small_catalogue):
          "retrieved": [{"id": p["id"], "png": encode_png(images[by_id[p["id"]]]),
                         "attributes": {k: v for k, v in p.items() if k != "id"}} for p in products]}
         for condition, samples, products in zip(run.conditions, run.images, run.results)]}}
-    header, rows_ = summary_table(result)
+    header = ["method", "category P@1"]
+    rows_ = [[m, f"{p['category']['1']:.3f}"] for m, p in result["methods"].items()]
     out = write_html({"title": "fm-small", "tables": [("precision", header, rows_)]}, visuals, tmp_path / "r.html")
     page = out.read_text()
     assert "category: Sandal" in page and "<td>metadata filter</td>" in page

@@ -38,7 +38,7 @@ from atelier.evaluation.metrics import FeatureStatistics, frechet_distance, ince
 from atelier.evaluation.report_html import write_html
 from atelier.evaluation.retrieval_quality import ALL, evaluate_retrieval
 from atelier.generator.base import ConditionalGenerator
-from atelier.indexer.attribute_net import AttributeNet, load_attribute_net
+from atelier.indexer.attribute_net import load_attribute_net
 from atelier.progress import progress_bar
 from atelier.retrieval.service import Limits, RetrievalService
 
@@ -67,17 +67,11 @@ def generate(model: ConditionalGenerator, conditions: list[dict[str, Any]], seed
     vectors = np.stack([model.schema.encode(c, require_all=not model.accepts_partial) for c in conditions])
     out, seconds = [], 0.0
     for start in progress_bar(range(0, len(conditions), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = vectors[start : start + batch_size]
         began = time.perf_counter()
-        out.append(model.sample_conditions(vectors[start : start + batch_size],
-                                           [seed + start + i for i in range(len(vectors[start : start + batch_size]))]))
+        out.append(model.sample_conditions(batch, range(seed + start, seed + start + len(batch))))
         seconds += time.perf_counter() - began
     return np.concatenate(out), seconds
-
-
-def predictions(judge: AttributeNet, probs: Mapping[str, np.ndarray], groups: tuple[str, ...]) -> list[dict[str, str]]:
-    values = {g: judge.schema.group(g).values for g in groups}
-    n = len(next(iter(probs.values())))
-    return [{g: values[g][int(probs[g][i].argmax())] for g in groups} for i in range(n)]
 
 
 def _intra_class_fid(features: np.ndarray, classes: list[str], real: np.ndarray, real_classes: list[str],
@@ -179,10 +173,11 @@ class Evaluation:
                                                                 real_stats, inception, inception_real,
                                                                 inception_real_stats)
         retrieval = self._retrieval({a["id"]: a["split"] for a in attrs})
+        index_rows = {pid: r for r, pid in enumerate(self.index.products.column("id").to_pylist())}
         for name in self.models:
             for row, entry in zip(visuals[name]["conditions"], retrieval["per_condition"][name][: len(self.conditions)]):
                 row["retrieved"] = [{"id": pid, "png": self.images[self.by_id[pid]] if pid in self.by_id else None,
-                                     "attributes": self._attributes_of(pid)} for pid in entry["retrieved_ids"]]
+                                     "attributes": self._attributes_of(pid, index_rows)} for pid in entry["retrieved_ids"]]
         report = {
             "catalogue": self.catalogue.name, "index": str(self.index.path), "index_version": self.index.version,
             "embedder": self.index.embedder, "groups": list(self.groups), "class_group": self.class_group,
@@ -213,10 +208,8 @@ class Evaluation:
         mean, std = kernel_inception_distance(a, b, subset_size=self.settings.kid_subset, seed=self.settings.seed)
         return {"mean": mean, "std": std}
 
-    def _attributes_of(self, pid: str) -> dict[str, Any]:
-        if not hasattr(self, "_index_rows"):
-            self._index_rows = {p: r for r, p in enumerate(self.index.products.column("id").to_pylist())}
-        row = self.index.product_rows([self._index_rows[pid]])[0]
+    def _attributes_of(self, pid: str, index_rows: dict[str, int]) -> dict[str, Any]:
+        row = self.index.product_rows([index_rows[pid]])[0]
         return {k: v for k, v in row.items() if k != "id"}
 
     def _real_per_condition(self, attrs, test, rng) -> dict[str, Any]:
@@ -233,7 +226,7 @@ class Evaluation:
 
     def _condition_measures(self, asked, features, probs, sizes) -> dict[str, Any]:
         """Accuracy (all, seen, held-out), diversity, and per-condition rows over the conditions."""
-        judged = predictions(self.judge, probs, self.groups) if len(asked) else []
+        judged = self.judge.answers(probs) if len(asked) else []
         out: dict[str, Any] = {"accuracy": score(asked, judged, self.groups) if asked else None}
         if self.held_out:
             for label, keep in (("seen", lambda c: c not in self.held_out), ("held_out", lambda c: c in self.held_out)):

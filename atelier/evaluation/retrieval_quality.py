@@ -25,8 +25,8 @@ condition, not of its position in the list, so one condition re-run alone (say f
 report's pictures) returns the same products. The baselines draw query i from
 `numpy.random.default_rng([seed, i])`, so one list of conditions repeats exactly.
 
-Seen and held-out conditions: call `evaluate_retrieval` once per list, or `evaluate_splits` with
-{"seen": [...], "held_out": [...]}, which does exactly that.
+Seen and held-out conditions: score the per-condition entries of one run separately
+(`atelier eval` does), or call `evaluate_retrieval` once per list.
 """
 
 from __future__ import annotations
@@ -347,34 +347,3 @@ def evaluate_retrieval(service: RetrievalService, models: Sequence[str], conditi
         "seconds": seconds,
         "per_condition": per_condition,
     }
-
-
-def evaluate_splits(service: RetrievalService, models: Sequence[str],
-                    split_conditions: Mapping[str, Sequence[Mapping[str, Any]]], **kwargs: Any) -> dict[str, Any]:
-    """`evaluate_retrieval` per named list of conditions, e.g. {"seen": [...], "held_out": [...]};
-    an empty list is left out. Returns {name: that list's result}."""
-    return {name: evaluate_retrieval(service, models, conditions, **kwargs)
-            for name, conditions in split_conditions.items() if conditions}
-
-
-def summary_table(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of `evaluate_retrieval`'s result: one row per method, a column per group and k."""
-    names = [*result["groups"], ALL]
-    header = ["method", *(f"{g} P@{k}" for g in names for k in result["ks"]), "queries"]
-    rows = []
-    for method, precision in result["methods"].items():
-        cells = [precision[g][str(k)] for g in names for k in result["ks"]]
-        rows.append([method, *("-" if p is None else f"{p:.3f}" for p in cells),
-                     str(result["queries_per_method"][method])])
-    return header, rows
-
-
-def format_markdown(result: Mapping[str, Any]) -> str:
-    header, rows = summary_table(result)
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    for method, note in result.get("notes", {}).items():
-        lines.append(f"\n{method}: {note}")
-    for method, skipped in result.get("skipped", {}).items():
-        lines.append(f"\n{method}: {len(skipped)} condition(s) skipped (no product to query with)")
-    return "\n".join(lines)

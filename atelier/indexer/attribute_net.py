@@ -121,9 +121,12 @@ class AttributeNet(nn.Module):
 
     def predict(self, images: np.ndarray) -> list[dict[str, Any]]:
         """The most likely value of each single-label group (and the values above 0.5 of multi-label ones)."""
-        _, probs = self.run(images)
+        return self.answers(self.run(images)[1])
+
+    def answers(self, probs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """`predict` from probabilities `run` already gave."""
         out = []
-        for i in range(len(images)):
+        for i in range(len(next(iter(probs.values())))):
             row: dict[str, Any] = {}
             for g in self.schema.groups:
                 p = probs[g.name][i]
