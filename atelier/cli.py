@@ -95,10 +95,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
+    from atelier.indexer.index_choice import IndexOptions, parse_bytes
     from atelier.indexer.runner import reindex
 
+    options = IndexOptions(memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
+                           target_recall=args.target_recall, pca=args.pca, factory=args.index_factory)
     folder = reindex(args.catalogue, args.out, args.embedder, args.input_size, args.batch_size,
-                     args.max_failed_fraction, args.threads, progress=not args.quiet)
+                     args.max_failed_fraction, args.threads, progress=not args.quiet, index_options=options)
     print(f"index: {args.out} -> {folder}")
 
 
@@ -113,6 +116,7 @@ def parse_models(specs: list[str]) -> dict[str, Path]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from atelier.retrieval.batching import BatchPolicy
     from atelier.retrieval.service import Limits
     from atelier.server.app import serve
 
@@ -124,7 +128,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     max_running_per_model=args.max_running, max_request_bytes=args.max_request_bytes,
                     max_response_bytes=args.max_response_bytes)
     serve(args.index, parse_models(args.model), args.address, args.workers, limits, security=_serve_security(args),
-          watch_index=args.watch_index, grace=args.grace, drain=args.drain)
+          watch_index=args.watch_index, grace=args.grace, drain=args.drain,
+          batching=BatchPolicy(max_wait_ms=args.batch_wait_ms, max_batch_rows=args.max_batch_rows,
+                               chunk_rows=args.batch_chunk_rows))
 
 
 def cmd_query(args: argparse.Namespace) -> None:
@@ -341,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-failed-fraction", type=float, default=0.01,
                    help="fail (publishing nothing) if more than this fraction of images cannot be decoded")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="most memory the FAISS index may take, e.g. 800MB or 2GiB: picks the fastest index type "
+                        "that fits (exact Flat up to 50,000 products, then HNSW, IVF-SQ8, IVF-PQ); default: no limit")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@10 against exact search that the search parameter (efSearch / nprobe) is tuned "
+                        "to reach; the measured recall goes into the manifest (default 0.95)")
+    p.add_argument("--pca", type=int, metavar="DIM", help="reduce the vectors to DIM dimensions first (PCA)")
+    p.add_argument("--index-factory", metavar="STRING",
+                   help="build exactly this faiss.index_factory string instead of choosing (e.g. 'HNSW32,Flat')")
     p.add_argument("--threads", type=int)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_index)
@@ -359,8 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most num_samples x top_k of one request: bounds the merge work (default 1024)")
     p.add_argument("--max-queue", type=int, default=8, metavar="N",
                    help="per model, most requests running or waiting; the next gets RESOURCE_EXHAUSTED at once (default 8)")
-    p.add_argument("--max-running", type=int, default=2, metavar="N",
-                   help="per model, most requests generating at once; the rest of the queue waits (default 2)")
+    p.add_argument("--max-running", type=int, default=1, metavar="N",
+                   help="per model, batches computed at once (batch worker threads); the rest of the queue waits "
+                        "for the next batch (default 1)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, metavar="MS",
+                   help="dynamic batching: how long a batch waits for more requests for the same model after its "
+                        "first (default 2; 0 = no wait, only what already queued)")
+    p.add_argument("--max-batch-rows", type=int, default=64, metavar="N",
+                   help="dynamic batching: most images generated in one batch (default 64)")
+    p.add_argument("--batch-chunk-rows", type=int, default=8, metavar="N",
+                   help="the one batch shape the generator and embedder run at, so results do not depend on "
+                        "what else was in a batch (default 8)")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, metavar="BYTES",
                    help="largest request message accepted (default 1 MiB)")
     p.add_argument("--max-response-bytes", type=int, default=64 << 20, metavar="BYTES",

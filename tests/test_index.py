@@ -60,9 +60,9 @@ def test_merge_ranks_candidates_by_mean_similarity(tmp_path):
 def test_tampered_index_is_refused(tmp_path):
     _publish(tmp_path / "index", random_unit_vectors(50, 64))
     folder = artifacts.resolve(tmp_path / "index")
-    with open(folder / "products.parquet", "ab") as handle:
+    with open(folder / "products.arrow", "ab") as handle:
         handle.write(b"x")
-    with pytest.raises(artifacts.ArtifactError, match="products.parquet does not match its sha256"):
+    with pytest.raises(artifacts.ArtifactError, match="products.arrow does not match its sha256"):
         IndexDirectory.open(tmp_path / "index")
 
 

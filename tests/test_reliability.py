@@ -70,9 +70,9 @@ class CountingEmbedder:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def embed(self, images):
+    def embed(self, images, **options):
         self.calls += 1
-        return self.inner.embed(images)
+        return self.inner.embed(images, **options)
 
 
 def make_service(base: RetrievalService, generator=None, embedder=None, index: IndexDirectory | None = None,
@@ -305,13 +305,21 @@ def test_requests_within_the_bound_wait_their_turn(service):
 
 
 def test_a_deadline_passing_in_the_queue_stops_the_request_there(service):
+    held = HeldGenerator(service.models["cgan"].generator)
     embedder_calls = CountingEmbedder(service.embedder)
-    svc = make_service(service, embedder=embedder_calls, max_queue_per_model=2, max_running_per_model=1)
-    with svc.admission.slot("cgan"):  # the one run slot stays taken for the whole call below
-        with pytest.raises(DeadlineExceeded, match=r"waited for a run slot of model 'cgan' \(max_running_per_model = 1\)"):
+    svc = make_service(service, generator=held, embedder=embedder_calls, max_queue_per_model=2, max_running_per_model=1)
+    first, outcome = in_thread(svc.generate_and_retrieve, RetrievalRequest(BAG, num_samples=1, top_k=2))
+    try:
+        assert held.entered.wait(WAIT)  # the one batch worker is busy with the first request
+        with pytest.raises(DeadlineExceeded, match=r"waited in model 'cgan''s batch queue \(max_running_per_model = 1\); "
+                                                   r"not run: generate, embed, search, merge"):
             svc.generate_and_retrieve(RetrievalRequest(BAG, num_samples=1), time_remaining=0.05)
-        assert svc.admission.admitted("cgan") == 1
-    assert svc.admission.admitted("cgan") == 0 and embedder_calls.calls == 0
+        assert svc.admission.admitted("cgan") == 1 and embedder_calls.calls == 0
+    finally:
+        held.release.set()
+        first.join(WAIT)
+    assert len(outcome["result"].products) == 2 and embedder_calls.calls == 1  # only the first was embedded
+    assert svc.admission.admitted("cgan") == 0
 
 
 def test_admission_in_process_counts_and_releases(service):

@@ -38,4 +38,4 @@ def test_requests_are_reproducible_and_images_returned_only_when_asked(service):
                                                        return_images=True))
     assert [p.id for p in a.products] == [p.id for p in b.products] and a.seed == 9
     assert not a.images and len(b.images) == 2 and b.images[0].shape == (28, 28, 1)
-    assert list(a.timings_ms) == ["validate", "generate", "embed", "search", "merge"]
+    assert list(a.timings_ms) == ["validate", "queue", "generate", "embed", "search", "merge"]

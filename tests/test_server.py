@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from atelier.catalog.fashion_mnist import CLASS_NAMES
 
-STAGES = {"validate", "generate", "embed", "search", "merge", "encode"}
+STAGES = {"validate", "queue", "generate", "embed", "search", "merge", "encode"}
 
 
 def test_generate_and_retrieve_end_to_end(client, service):

@@ -1,12 +1,16 @@
 """An index directory: the FAISS index, the row -> product map, and the manifest naming both.
 
-    index.faiss       FAISS index; row i is product i of products.parquet
-    products.parquet  id + attribute columns, in index row order (what a search returns)
+    index.faiss       FAISS index; row i is product i of products.arrow
+    products.arrow    id + attribute columns, in index row order (what a search returns), as an
+                      uncompressed Arrow IPC file (older versions: products.parquet)
     manifest.json     embedder (name, weights hash, input size), dimension, metric, count,
-                      schema, catalogue name + fingerprint, index type, sha256 of each file
+                      schema, catalogue name + fingerprint, index type and the record of its
+                      choice (index_choice: budget, bytes, measured recall@10), sha256 of each file
 
 Built by `build_index_directory` in a staging folder and published by atomic rename
-(atelier.artifacts), so a reader never sees half an index.
+(atelier.artifacts), so a reader never sees half an index. Opened memory-mapped: the FAISS
+file (IO_FLAG_MMAP_IFC) and the products (Arrow IPC) are read in place, so the pages are the
+kernel's page cache, shared between processes serving one version and never copied.
 """
 
 from __future__ import annotations
@@ -22,18 +26,13 @@ import pyarrow.parquet as pq
 
 from atelier import artifacts
 from atelier.catalog.schema import AttributeSchema
+from atelier.indexer.index_choice import IndexOptions, apply_search_parameters, build_index
 
 KIND = "index"
 INDEX_FILE = "index.faiss"
-PRODUCTS_FILE = "products.parquet"
+PRODUCTS_FILE = "products.arrow"
+LEGACY_PRODUCTS_FILE = "products.parquet"  # index versions written before products.arrow
 METRIC = "inner_product"  # vectors are L2-normalised, so this is cosine similarity
-
-
-def build_faiss_index(vectors: np.ndarray) -> faiss.Index:
-    """Exact inner-product search. (Index choice under a memory budget is future work.)"""
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index
 
 
 def write_index_directory(
@@ -44,10 +43,11 @@ def write_index_directory(
     schema: AttributeSchema,
     catalogue: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    options: IndexOptions | None = None,
 ) -> Path:
     """Build the FAISS index over `vectors` (row i = products row i) and publish it at `dest`."""
     with artifacts.staging(dest) as stage:
-        build_index_directory(stage, vectors, products, embedder, schema, catalogue, extra)
+        build_index_directory(stage, vectors, products, embedder, schema, catalogue, extra, options)
         return artifacts.publish(stage, dest)
 
 
@@ -59,19 +59,23 @@ def build_index_directory(
     schema: AttributeSchema,
     catalogue: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    options: IndexOptions | None = None,
 ) -> None:
-    """Write the index files and manifest into a staging folder (see `artifacts.staging`)."""
+    """Write the index files and manifest into a staging folder (see `artifacts.staging`).
+    `options`: memory budget, recall target, PCA (atelier.indexer.index_choice)."""
     if len(vectors) != products.num_rows:
         raise ValueError(f"{len(vectors)} vectors for {products.num_rows} products")
     if len(vectors) == 0:
         raise ValueError("refusing to publish an empty index")
-    index = build_faiss_index(vectors)
-    faiss.write_index(index, str(stage / INDEX_FILE))
-    pq.write_table(products, stage / PRODUCTS_FILE)
+    built = build_index(vectors, options)
+    faiss.write_index(built.index, str(stage / INDEX_FILE))
+    built.record["bytes"] = (stage / INDEX_FILE).stat().st_size
+    with pa.OSFile(str(stage / PRODUCTS_FILE), "wb") as sink, pa.ipc.new_file(sink, products.schema) as writer:
+        writer.write_table(products)
     artifacts.write_manifest(
         stage, KIND, embedder=embedder, dimension=int(vectors.shape[1]), metric=METRIC,
         count=int(len(vectors)), schema=schema.to_dict(), catalogue=catalogue,
-        index_type=type(index).__name__, **(extra or {}),
+        index_type=built.spec.factory, index_choice=built.record, **(extra or {}),
     )
 
 
@@ -86,8 +90,15 @@ class IndexDirectory:
     def open(cls, path: Path, verify: bool = True) -> "IndexDirectory":
         folder = artifacts.resolve(path)
         manifest = artifacts.read_manifest(folder, KIND, verify=verify)
-        index = faiss.read_index(str(folder / INDEX_FILE))
-        products = pq.read_table(folder / PRODUCTS_FILE)
+        index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        apply_search_parameters(index, manifest.get("index_choice", {}).get("search_parameters", {}))
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.make_direct_map()  # reconstruct() by row, for the merge's mean similarity
+        if (folder / PRODUCTS_FILE).is_file():
+            products = pa.ipc.open_file(pa.memory_map(str(folder / PRODUCTS_FILE))).read_all()  # zero-copy
+        else:
+            products = pq.read_table(folder / LEGACY_PRODUCTS_FILE)
         if index.ntotal != manifest["count"] or products.num_rows != manifest["count"]:
             raise artifacts.ArtifactError(
                 f"{folder}: manifest says {manifest['count']} products, index has {index.ntotal}, map has {products.num_rows}"
@@ -114,7 +125,8 @@ class IndexDirectory:
         return self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self)))
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
-        """The stored vectors of the given rows (exact for a flat index)."""
+        """The stored vectors of the given rows (exact for Flat and HNSW,Flat; decoded, so
+        approximate, for SQ8 / PQ codes and after PCA)."""
         return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
 
     def product_rows(self, rows: list[int]) -> list[dict[str, Any]]:

@@ -1,12 +1,16 @@
-"""Mapper: decode + prepare a batch in worker threads, then one batched embedder forward.
+"""Mapper: read + decode + prepare batches in a worker thread, then one batched embedder forward.
 
-Decoding (OpenCV releases the GIL) for the next batches runs while the current batch is in
-the forward pass. Undecodable images are dropped from the batch and reported with their
-product id and a reason, not fatal (the writer decides how many failures a job tolerates).
+The worker reads the next batches from the reader and decodes them (Parquet decompression and
+OpenCV release the GIL) while the calling thread runs the forward of the current batch, so the
+forward, the job's limit, waits only when decoding falls behind. Undecodable images are dropped
+from the batch and reported with their product id and a reason, not fatal (the writer decides
+how many failures a job tolerates).
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -19,6 +23,8 @@ from atelier.catalog.images import ImageDecodeError, decode_image
 from atelier.indexer.embedders import Embedder
 from atelier.indexer.reader import Batch
 
+Prepared = tuple[pa.Table, np.ndarray | None, list[dict[str, str]]]  # rows, pixels, skipped
+
 
 @dataclass
 class Embedded:
@@ -28,12 +34,25 @@ class Embedded:
 
 
 class EmbeddingMapper:
-    def __init__(self, embedder: Embedder, channels: int, workers: int = 1, prefetch: int = 2):
-        self.embedder, self.channels = embedder, channels
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-        self.prefetch = prefetch
+    def __init__(self, embedder: Embedder, channels: int, prefetch: int = 2):
+        self.embedder, self.channels, self.prefetch = embedder, channels, prefetch
+        # one worker: it advances the reader, so batches come out in catalogue order
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        # where the time went, for the index manifest (wait: the forward idle, decoding behind)
+        self.timings = {"read_seconds": 0.0, "decode_seconds": 0.0, "forward_seconds": 0.0, "wait_seconds": 0.0}
 
-    def _prepare(self, batch: Batch) -> tuple[pa.Table, np.ndarray | None, list[dict[str, str]]]:
+    def _read_and_prepare(self, source: Iterator[Batch]) -> Prepared | None:
+        start = time.perf_counter()
+        batch = next(source, None)
+        self.timings["read_seconds"] += time.perf_counter() - start
+        if batch is None:
+            return None
+        start = time.perf_counter()
+        prepared = self._prepare(batch)
+        self.timings["decode_seconds"] += time.perf_counter() - start
+        return prepared
+
+    def _prepare(self, batch: Batch) -> Prepared:
         keep, prepared, skipped = [], [], []
         ids = batch.rows.column("id").to_pylist()
         for i, data in enumerate(batch.images):
@@ -48,22 +67,25 @@ class EmbeddingMapper:
         return rows, (np.stack(prepared) if prepared else None), skipped
 
     def map(self, batches: Iterable[Batch]) -> Iterator[Embedded]:
-        pending = []
         source = iter(batches)
+        pending = deque(self.pool.submit(self._read_and_prepare, source) for _ in range(self.prefetch + 1))
         try:
-            for batch in source:
-                pending.append(self.pool.submit(self._prepare, batch))
-                if len(pending) > self.prefetch:
-                    yield self._finish(pending.pop(0))
-            while pending:
-                yield self._finish(pending.pop(0))
+            while True:
+                start = time.perf_counter()
+                prepared = pending.popleft().result()
+                self.timings["wait_seconds"] += time.perf_counter() - start
+                if prepared is None:  # the reader is done (the tasks queued behind it find it done too)
+                    return
+                pending.append(self.pool.submit(self._read_and_prepare, source))
+                yield self._forward(*prepared)
         finally:
             for future in pending:
                 future.cancel()
 
-    def _finish(self, future) -> Embedded:
-        rows, pixels, skipped = future.result()
+    def _forward(self, rows: pa.Table, pixels: np.ndarray | None, skipped: list[dict[str, str]]) -> Embedded:
+        start = time.perf_counter()
         vectors = self.embedder.forward(pixels) if pixels is not None else np.zeros((0, self.embedder.dim), np.float32)
+        self.timings["forward_seconds"] += time.perf_counter() - start
         return Embedded(rows, vectors, skipped)
 
     def close(self) -> None:

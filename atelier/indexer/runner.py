@@ -22,6 +22,7 @@ from atelier.catalog.catalogue import Catalogue
 from atelier.indexer.embedders import (
     AUTO, DEFAULT_EMBEDDER, DEFAULT_INPUT_SIZE, INDEX_EMBEDDER_FOLDER, build_embedder, embedder_for_catalogue,
 )
+from atelier.indexer.index_choice import IndexOptions, choose_index
 from atelier.indexer.mapper import EmbeddingMapper
 from atelier.indexer.reader import CatalogueReader
 from atelier.indexer.writer import IndexWriter
@@ -39,27 +40,32 @@ def reindex(
     max_failed_fraction: float = 0.01,
     threads: int | None = None,
     progress: bool = True,
+    index_options: IndexOptions | None = None,
 ) -> Path:
     """Embed every catalogue image and publish the index at `dest`; returns the version folder.
 
     `embedder_name`: an ImageNet backbone's name, a trained embedder's folder, or `auto` (the
-    one measured best for this catalogue, see `embedder_for_catalogue`)."""
+    one measured best for this catalogue, see `embedder_for_catalogue`). `index_options`: memory
+    budget, recall target, PCA (atelier.indexer.index_choice); an impossible budget fails before
+    any image is embedded."""
     if not 0.0 <= max_failed_fraction <= 1.0:
         raise ValueError(f"max_failed_fraction must be within [0, 1], got {max_failed_fraction}")
     if threads:
         torch.set_num_threads(threads)
     catalogue = Catalogue.open(catalogue_path, verify=True)
+    index_options = index_options or IndexOptions()
     with artifacts.staging(dest) as stage:  # removed on failure; a killed job's is removed by the next run
         if embedder_name == AUTO:
             embedder_name = embedder_for_catalogue(catalogue.name)
         embedder = build_embedder(embedder_name, input_size)
+        choose_index(len(catalogue), embedder.dim, index_options)  # a budget nothing fits: say so now, not after embedding
         embedder.copy_files(stage / INDEX_EMBEDDER_FOLDER)  # hashed into the manifest with the index files
         reader = CatalogueReader(catalogue, batch_size)
         mapper = EmbeddingMapper(embedder, catalogue.image_channels)
         writer = IndexWriter(
             stage, dest, catalogue.schema, embedder.describe(),
             {"name": catalogue.name, "fingerprint": catalogue.fingerprint, "rows": len(catalogue)},
-            max_failed_fraction,
+            max_failed_fraction, index_options,
         )
         start = time.perf_counter()
         try:
@@ -76,4 +82,5 @@ def reindex(
         return writer.close(extra={"build": {
             "seconds": round(seconds, 2), "images_per_second": round(len(catalogue) / seconds, 1),
             "batch_size": batch_size, "torch_threads": torch.get_num_threads(),
+            **{k: round(v, 3) for k, v in mapper.timings.items()},
         }})

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from atelier import artifacts
 from atelier.catalog.schema import AttributeSchema
+from atelier.indexer.index_choice import IndexOptions
 from atelier.indexer.index_directory import build_index_directory
 from atelier.indexer.mapper import Embedded
 
@@ -26,11 +27,12 @@ class TooManyFailures(RuntimeError):
 
 class IndexWriter:
     def __init__(self, stage: Path, dest: Path, schema: AttributeSchema, embedder: dict[str, Any],
-                 catalogue: dict[str, Any], max_failed_fraction: float):
+                 catalogue: dict[str, Any], max_failed_fraction: float, index_options: IndexOptions | None = None):
         if not 0.0 <= max_failed_fraction <= 1.0:
             raise ValueError(f"max_failed_fraction must be within [0, 1], got {max_failed_fraction}")
         self.stage, self.dest, self.schema, self.embedder, self.catalogue = stage, dest, schema, embedder, catalogue
         self.max_failed_fraction = max_failed_fraction
+        self.index_options = index_options
         self.expected = int(catalogue.get("rows") or 0)  # 0: unknown, checked at the end only
         self.vectors: list[np.ndarray] = []
         self.rows: list[pa.Table] = []
@@ -61,5 +63,6 @@ class IndexWriter:
         build_index_directory(
             self.stage, np.concatenate(self.vectors), pa.concat_tables(self.rows), self.embedder,
             self.schema, self.catalogue, extra={"skipped": self.skipped, **failures, **(extra or {})},
+            options=self.index_options,
         )
         return artifacts.publish(self.stage, self.dest)

@@ -3,7 +3,8 @@
     validate  the model name, the attributes against that model's schema, the bounds
     generate  `num_samples` images with the requested model, z drawn from the request seed
     embed     them with the index's own embedder (same name, input size and weights hash)
-    search    each sample's top_k nearest products in FAISS (one batched search)
+    search    each sample's top_k nearest products in FAISS
+    (these three run in a batch shared with concurrent requests for the same model: batching)
     merge     the union of those candidates, ranked by their MEAN similarity over all samples
 
 Why the mean: each sample is one plausible drawing of the request. What the samples share is
@@ -19,6 +20,9 @@ Reliability (the server's contract, kept here so it is testable without a networ
                further stage runs (`DeadlineExceeded`)
     admission  per model, at most `max_queue_per_model` requests are running or waiting; the
                next one is refused at once (`Overloaded`) rather than queued without bound
+    batching   admitted requests for one model are gathered into shared generator + embedder
+               batches (atelier.retrieval.batching), computed by `max_running_per_model` worker
+               threads; a request returns exactly what it returns alone
     hot swap   the index and its embedder are one reference (`ServedIndex`) that a request reads
                once at its start; `reload_index` builds and checks the new one beside the old,
                then swaps that reference, so in-flight requests finish on the index they began on
@@ -34,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NoReturn
 
 import numpy as np
 
@@ -44,9 +48,11 @@ from atelier.generator import ConditionalGenerator, load_generator
 from atelier.generator.base import sample_seeds
 from atelier.indexer.embedders import Embedder, embedder_of_index
 from atelier.indexer.index_directory import IndexDirectory
+from atelier.retrieval.batching import BatchPolicy, Expired, Job, ModelBatcher
 
 log = logging.getLogger("atelier.retrieval")
 STAGES = ("validate", "generate", "embed", "search", "merge")
+TIMINGS = ("validate", "queue", "generate", "embed", "search", "merge")  # "queue": waiting for a batch
 
 
 class InvalidRequest(ValueError):
@@ -88,7 +94,7 @@ class Limits:
     # Admission, per model: CPU-bound generation gains nothing from more parallel runs than
     # cores, and a queue without bound only turns overload into latency for everybody.
     max_queue_per_model: int = 8  # requests running or waiting; the next is refused at once
-    max_running_per_model: int = 2  # of those, how many generate at once
+    max_running_per_model: int = 1  # batches of one model computed at once (its batch worker threads)
     # gRPC message sizes (the server's receive and send limits; images dominate responses).
     max_request_bytes: int = 1 << 20
     max_response_bytes: int = 64 << 20
@@ -164,11 +170,14 @@ class LoadedModel:
 class RetrievalService:
     def __init__(self, index: IndexDirectory, embedder: Embedder, models: dict[str, LoadedModel],
                  limits: Limits | None = None, index_source: Path | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, batching: BatchPolicy | None = None):
         if not models:
             raise ValueError("at least one model is needed (name -> checkpoint folder)")
         self.models = models
         self.limits = limits or Limits()
+        self.batching = batching or BatchPolicy()
+        self.batchers = {name: ModelBatcher(name, m.generator, self.batching, self.limits.max_running_per_model)
+                         for name, m in models.items()}
         self.index_source = Path(index_source) if index_source is not None else index.path  # what reload re-resolves
         self.clock = clock
         self.admission = Admission(self.limits)
@@ -176,14 +185,15 @@ class RetrievalService:
         self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
 
     @classmethod
-    def open(cls, index_path: Path, model_paths: Mapping[str, Path], limits: Limits | None = None) -> "RetrievalService":
+    def open(cls, index_path: Path, model_paths: Mapping[str, Path], limits: Limits | None = None,
+             batching: BatchPolicy | None = None) -> "RetrievalService":
         """Load the index, its embedder and the models, refusing any combination that disagrees."""
         if not model_paths:
             raise ValueError("at least one model is needed (name -> checkpoint folder)")
         index = IndexDirectory.open(index_path)
         embedder = check_index(index, {})  # a wrong embedder fails before the slow model loading
         models = {name: LoadedModel(name, *load_generator(path)) for name, path in model_paths.items()}
-        return cls(index, embedder, models, limits, index_source=index_path)  # checks every model's schema
+        return cls(index, embedder, models, limits, index_source=index_path, batching=batching)  # checks every model's schema
 
     # -- the served index, and swapping it ----------------------------------------------------
     @property
@@ -305,23 +315,23 @@ class RetrievalService:
         model, attributes, n, k = self.validate(request)
         seed = request.seed if request.seed is not None else random.getrandbits(63)
         lap("validate")
-        with self.admission.slot(model.name, deadline):
-            clock = time.perf_counter()  # time spent waiting for a slot is no stage's
+        with self.admission.slot(model.name):
             deadline.check("generate")
             condition = model.generator.schema.encode(attributes, require_all=False)  # validate() applied the rules
-            images = model.generator.sample_conditions(np.repeat(condition[None], n, axis=0), sample_seeds(seed, n))
-            lap("generate")
-            deadline.check("embed")
-            queries = served.embedder.embed(images)
-            lap("embed")
-            deadline.check("search")
-            _, rows = served.index.search(queries, k)
-            lap("search")
+            job = Job(np.repeat(condition[None], n, axis=0), sample_seeds(seed, n), served.embedder, served.index, k,
+                      deadline.passed)
+            try:
+                self.batchers[model.name].run(job, deadline.remaining())
+            except Expired as expired:
+                deadline.refuse(expired.stage, f"model {model.name!r}'s batch queue "
+                                               f"(max_running_per_model = {self.limits.max_running_per_model})")
+            timings.update(job.timings_ms)  # queue, generate, embed, search: the batch's
+            clock = time.perf_counter()
             deadline.check("merge")
-            products = merge_products(served.index, queries, rows, k)
+            products = merge_products(served.index, job.vectors, job.neighbours, k)
             lap("merge")
         return RetrievalResult(
-            products=products, images=list(images) if request.return_images else [], timings_ms=timings,
+            products=products, images=list(job.images) if request.return_images else [], timings_ms=timings,
             model=model.name, model_version=model.version, index_version=served.version, seed=seed,
             num_samples=n,
         )
@@ -383,62 +393,54 @@ class Deadline:
         self.at = None if seconds is None else clock() + seconds
 
     def remaining(self) -> float | None:
-        return None if self.at is None else self.at - self.clock()
+        return None if self.at is None else max(0.0, self.at - self.clock())
+
+    def passed(self) -> bool:
+        return self.at is not None and self.clock() >= self.at
 
     def check(self, stage: str) -> None:
-        if self.at is not None and self.clock() >= self.at:
-            skipped = STAGES[STAGES.index(stage):]
-            raise DeadlineExceeded(
-                f"the request's deadline ({self.seconds * 1000:.0f} ms) passed before stage {stage!r}; "
-                f"not run: {', '.join(skipped)}"
-            )
+        if self.passed():
+            self.refuse(stage)
+
+    def refuse(self, stage: str, queue: str = "the batch queue") -> NoReturn:
+        """Raise DeadlineExceeded naming where the request stopped ("queue": waiting in `queue`)."""
+        if stage == "queue":
+            where, stage = f"while it waited in {queue}", "generate"
+        else:
+            where = f"before stage {stage!r}"
+        raise DeadlineExceeded(
+            f"the request's deadline ({self.seconds * 1000:.0f} ms) passed {where}; "
+            f"not run: {', '.join(STAGES[STAGES.index(stage):])}"
+        )
 
 
 class Admission:
-    """A bounded queue per model: up to `max_running_per_model` generate at once, and at most
-    `max_queue_per_model` are admitted (running or waiting); beyond that `Overloaded` at once."""
+    """A bounded queue per model: at most `max_queue_per_model` requests are admitted (running
+    or waiting for their batch); beyond that `Overloaded` at once."""
 
     def __init__(self, limits: Limits):
         self.max_queue = limits.max_queue_per_model
-        self.max_running = min(limits.max_running_per_model, limits.max_queue_per_model)
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._admitted: Counter[str] = Counter()
-        self._running: Counter[str] = Counter()
 
     def admitted(self, model: str) -> int:
-        with self._changed:
+        with self._lock:
             return self._admitted[model]
 
     @contextlib.contextmanager
-    def slot(self, model: str, deadline: Deadline | None = None) -> Iterator[None]:
-        with self._changed:
+    def slot(self, model: str) -> Iterator[None]:
+        with self._lock:
             if self._admitted[model] >= self.max_queue:
                 raise Overloaded(
                     f"model {model!r} has {self._admitted[model]} requests running or waiting, its queue bound "
                     f"(max_queue_per_model = {self.max_queue}); retry later"
                 )
             self._admitted[model] += 1
-            try:
-                while self._running[model] >= self.max_running:
-                    remaining = None if deadline is None else deadline.remaining()
-                    if remaining is not None and remaining <= 0:
-                        raise DeadlineExceeded(
-                            f"the request's deadline ({deadline.seconds * 1000:.0f} ms) passed while it waited for a "
-                            f"run slot of model {model!r} (max_running_per_model = {self.max_running}); "
-                            f"not run: {', '.join(STAGES[1:])}"
-                        )
-                    self._changed.wait(remaining)
-            except BaseException:
-                self._admitted[model] -= 1
-                raise
-            self._running[model] += 1
         try:
             yield
         finally:
-            with self._changed:
-                self._running[model] -= 1
+            with self._lock:
                 self._admitted[model] -= 1
-                self._changed.notify_all()
 
 
 def merge_by_mean_similarity(index: IndexDirectory, queries: np.ndarray, rows: np.ndarray, k: int):

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from atelier.retrieval.batching import BatchPolicy
 from atelier.retrieval.service import IndexRefused, Limits, RetrievalService
 from atelier.server.security import SecurityConfig
 from atelier.server.servicer import AtelierServicer, add_atelier_servicer
@@ -168,7 +169,7 @@ def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0",
 
 def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: int = 8, limits: Limits | None = None,
           security: SecurityConfig | None = None, *, watch_index: float | None = None, grace: float = 5.0,
-          drain: float = 0.0) -> None:
+          drain: float = 0.0, batching: BatchPolicy | None = None) -> None:
     """`atelier serve`: listen (NOT_SERVING), load, serve until SIGINT/SIGTERM, shut down gracefully."""
     limits = limits or Limits()
     stop = threading.Event()
@@ -179,7 +180,7 @@ def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: in
     log.info("security: %s", security.describe() if security else "plaintext, no tokens")
     log.info("port %d bound (health NOT_SERVING); loading models and index", running.port)
     try:
-        service = running.load(lambda: RetrievalService.open(index, models, limits))
+        service = running.load(lambda: RetrievalService.open(index, models, limits, batching))
     except BaseException:
         running.stop(grace=0)
         raise

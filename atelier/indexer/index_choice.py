@@ -1,0 +1,301 @@
+"""Which FAISS index to build, from catalogue size, dimension and a memory budget (autofaiss's way).
+
+Candidates, fastest first, each with its resident bytes per vector at dimension d:
+
+    Flat                  exact; 4d                     (chosen up to `exact_below` vectors: a
+                                                          scan that small is a few ms, no recall lost)
+    HNSW32,Flat           graph over full vectors; 4d + 2*32*4 + ~24
+    IVF{nlist},SQ8        inverted lists of 8-bit scalar codes; d + 8 (+ centroids)
+    [OPQ{m}_{d},]IVF{nlist},PQ{m}np   product-quantised codes; m + 8 (+ centroids, codebooks);
+                          OPQ only where it measures better on a sample; "np": no polysemous
+                          training, which we would not use and which took 5x the training time
+
+The first that fits the budget is built; then its search parameter (efSearch / nprobe) is
+raised step by step until recall@10 against exact search reaches the target on queries drawn
+from the vectors themselves (each query's own row left out of both answers), and the measured
+recall, the parameter and the bytes are recorded in the index manifest. An optional PCA
+pre-transform (`pca=`) cuts the dimension for every candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+log = logging.getLogger("atelier.indexer")
+
+EXACT_BELOW = 50_000
+TARGET_RECALL = 0.95
+HNSW_M = 32
+EF_SEARCH_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+NPROBE_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+PQ_BYTES = (64, 32, 16, 8)  # PQ code sizes tried, largest (most accurate) first
+ID_BYTES = 8  # an inverted list stores each vector's 64-bit id beside its code
+DIRECT_MAP_BYTES = 8  # row -> list position, built at open so the merge can reconstruct rows
+OPQ_ITERATIONS = 10  # faiss's default 50 takes minutes on 2 cores for a gain measured at ~0
+RECALL_K = 10
+
+
+class IndexBudgetError(ValueError):
+    """No index type fits the memory budget; the message names the smallest estimate."""
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """One candidate: a faiss.index_factory string, its search parameter, and its size."""
+
+    factory: str
+    parameter: str | None  # "efSearch" / "nprobe" / None (exact)
+    bytes_per_vector: float
+    fixed_bytes: int  # centroids, codebooks, rotations
+    kind: str  # flat / hnsw / ivf-sq8 / ivf-pq
+
+    def estimated_bytes(self, n: int) -> int:
+        return int(self.fixed_bytes + self.bytes_per_vector * n)
+
+
+@dataclass
+class IndexOptions:
+    """What `atelier index` was asked for (all optional)."""
+
+    memory_budget: int | None = None  # bytes for the FAISS index; None = no limit
+    target_recall: float = TARGET_RECALL
+    exact_below: int = EXACT_BELOW
+    pca: int | None = None  # reduce vectors to this many dimensions first
+    factory: str | None = None  # force one faiss.index_factory string (skips the choice)
+    recall_queries: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError(f"memory budget must be positive, got {self.memory_budget} bytes")
+        if not 0.0 < self.target_recall <= 1.0:
+            raise ValueError(f"target recall must be within (0, 1], got {self.target_recall}")
+        if self.pca is not None and self.pca < 1:
+            raise ValueError(f"PCA dimension must be at least 1, got {self.pca}")
+
+
+@dataclass
+class BuiltIndex:
+    index: faiss.Index
+    spec: IndexSpec
+    record: dict[str, Any] = field(default_factory=dict)  # goes into the manifest's "index"
+
+
+def ivf_lists(n: int) -> int:
+    """About 4 sqrt(n) inverted lists (a power of two), so a list holds ~sqrt(n)/4 vectors."""
+    return int(2 ** max(4, round(math.log2(4 * math.sqrt(max(n, 1))))))
+
+
+def candidates(n: int, dim: int, options: IndexOptions | None = None) -> list[IndexSpec]:
+    """Every index type for n vectors of `dim`, fastest (and largest) first."""
+    options = options or IndexOptions()
+    d = options.pca or dim
+    prefix = f"PCA{d}," if options.pca else ""
+    pca_bytes = dim * d * 4 + dim * 4 if options.pca else 0
+    nlist = ivf_lists(n)
+    centroids = nlist * d * 4
+    specs = [IndexSpec(prefix + "Flat", None, 4 * d, pca_bytes, "flat"),
+             IndexSpec(prefix + f"HNSW{HNSW_M},Flat", "efSearch", 4 * d + 2 * HNSW_M * 4 + 24, pca_bytes, "hnsw"),
+             IndexSpec(prefix + f"IVF{nlist},SQ8", "nprobe", d + ID_BYTES + DIRECT_MAP_BYTES,
+                       pca_bytes + centroids + 2 * d * 4, "ivf-sq8")]
+    for m in PQ_BYTES:
+        if m < d and d % m == 0:
+            codebooks = m * 256 * (d // m) * 4
+            specs.append(IndexSpec(prefix + f"IVF{nlist},PQ{m}np", "nprobe", m + ID_BYTES + DIRECT_MAP_BYTES,
+                                   pca_bytes + centroids + codebooks, "ivf-pq"))
+    if n <= options.exact_below:  # a scan this small is cheap: exact first
+        return specs
+    return specs[1:2] + specs[:1] + specs[2:]
+
+
+def choose_index(n: int, dim: int, options: IndexOptions | None = None) -> IndexSpec:
+    """The first candidate whose estimated bytes fit the budget (see `candidates`)."""
+    options = options or IndexOptions()
+    if options.factory:
+        return IndexSpec(options.factory, _parameter_of(options.factory), 0, 0, "given")
+    specs = candidates(n, dim, options)
+    budget = options.memory_budget
+    for spec in specs:
+        if budget is None or spec.estimated_bytes(n) <= budget:
+            return spec
+    smallest = min(specs, key=lambda s: s.estimated_bytes(n))
+    raise IndexBudgetError(
+        f"no index type fits {n:,} vectors of dimension {options.pca or dim} in a memory budget of "
+        f"{format_bytes(budget)}: the smallest, {smallest.factory}, needs about {format_bytes(smallest.estimated_bytes(n))}; "
+        f"raise the budget, or reduce the dimension (--pca)"
+    )
+
+
+def _parameter_of(factory: str) -> str | None:
+    if "HNSW" in factory:
+        return "efSearch"
+    if "IVF" in factory:
+        return "nprobe"
+    return None
+
+
+def build_index(vectors: np.ndarray, options: IndexOptions | None = None) -> BuiltIndex:
+    """Choose, train, fill and tune an inner-product index over `vectors` (n, d), L2-normalised."""
+    options = options or IndexOptions()
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    start = time.perf_counter()
+    spec = choose_index(n, dim, options)
+    rng = np.random.default_rng(options.seed)
+    opq_record = None
+    if spec.kind == "ivf-pq":  # OPQ where it pays: compare on a sample
+        spec, opq_record = _with_opq_if_better(spec, vectors, options, rng)
+    index = new_index(dim, spec.factory)
+    if not index.is_trained:
+        index.train(_training_sample(vectors, spec.factory, rng))
+    index.add(vectors)
+    built = time.perf_counter() - start
+    record: dict[str, Any] = {"factory": spec.factory, "kind": spec.kind, "memory_budget": options.memory_budget,
+                              "estimated_bytes": spec.estimated_bytes(n), "build_seconds": round(built, 2)}
+    if opq_record:
+        record["opq_comparison"] = opq_record
+    if spec.parameter is None and not options.pca and spec.factory == "Flat":
+        record.update(recall_at_10=1.0, search_parameters={}, recall_note="exact search")
+    else:
+        queries = _query_rows(n, options.recall_queries, rng)
+        truth = exact_neighbours(vectors, queries)
+        value, recall, tried = tune(index, spec.parameter, vectors, queries, truth, options.target_recall)
+        record.update(search_parameters={spec.parameter: value} if spec.parameter else {}, recall_at_10=round(recall, 4),
+                      recall_queries=len(queries), recall_target=options.target_recall, tuning=tried,
+                      tune_seconds=round(time.perf_counter() - start - built, 2))
+        if recall < options.target_recall:
+            log.warning("%s reaches recall@10 %.3f at most (target %.2f); recorded in the manifest",
+                        spec.factory, recall, options.target_recall)
+    return BuiltIndex(index, spec, record)
+
+
+def new_index(dim: int, factory: str) -> faiss.Index:
+    """faiss.index_factory for inner product, with OPQ's iterations cut (OPQ_ITERATIONS)."""
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            transform = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(transform, faiss.OPQMatrix):
+                transform.niter = OPQ_ITERATIONS
+    return index
+
+
+def _training_sample(vectors: np.ndarray, factory: str, rng: np.random.Generator) -> np.ndarray:
+    match = re.search(r"IVF(\d+)", factory)
+    wanted = 64 * int(match.group(1)) if match else 65_536  # k-means wants ~40-256 points per centroid
+    if "PQ" in factory or "PCA" in factory:
+        wanted = max(wanted, 65_536)
+    if len(vectors) <= wanted:
+        return vectors
+    return vectors[np.sort(rng.choice(len(vectors), wanted, replace=False))]
+
+
+def _with_opq_if_better(spec: IndexSpec, vectors: np.ndarray, options: IndexOptions,
+                        rng: np.random.Generator) -> tuple[IndexSpec, dict[str, Any]]:
+    """Build the PQ spec with and without an OPQ rotation on a sample; keep the better recall."""
+    m = int(re.search(r"PQ(\d+)", spec.factory).group(1))
+    d = options.pca or vectors.shape[1]
+    head, _, tail = spec.factory.rpartition("IVF")
+    opq = IndexSpec(f"{head}OPQ{m}_{d},IVF{tail}", spec.parameter, spec.bytes_per_vector,
+                    spec.fixed_bytes + d * d * 4, spec.kind)
+    sample = vectors[np.sort(rng.choice(len(vectors), min(len(vectors), 20_000), replace=False))]
+    queries = _query_rows(len(sample), 300, rng)
+    truth = exact_neighbours(sample, queries)
+    scores = {}
+    for candidate in (spec, opq):
+        small = candidate.factory.replace(f"IVF{ivf_lists(len(vectors))}", f"IVF{ivf_lists(len(sample))}")
+        index = new_index(vectors.shape[1], small)
+        index.train(_training_sample(sample, small, rng))
+        index.add(sample)
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", 16)
+        scores[candidate.factory] = round(recall_at_k(index, sample, queries, truth), 4)
+    fits = options.memory_budget is None or opq.estimated_bytes(len(vectors)) <= options.memory_budget
+    best = opq if fits and scores[opq.factory] > scores[spec.factory] else spec
+    return best, {"sample": len(sample), "nprobe": 16, "recall_at_10": scores, "chosen": best.factory}
+
+
+def _query_rows(n: int, wanted: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(n, min(n, wanted), replace=False))
+
+
+def exact_neighbours(vectors: np.ndarray, query_rows: np.ndarray, k: int = RECALL_K) -> np.ndarray:
+    """Each query row's exact top-k by inner product, its own row left out."""
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    _, found = flat.search(vectors[query_rows], k + 1)
+    return _without_self(found, query_rows, k)
+
+
+def _without_self(found: np.ndarray, query_rows: np.ndarray, k: int) -> np.ndarray:
+    out = np.full((len(found), k), -1, dtype=np.int64)
+    for i, (row, own) in enumerate(zip(found, query_rows)):
+        kept = row[(row != own) & (row >= 0)][:k]
+        out[i, : len(kept)] = kept
+    return out
+
+
+def recall_at_k(index: faiss.Index, vectors: np.ndarray, query_rows: np.ndarray, truth: np.ndarray,
+                k: int = RECALL_K) -> float:
+    """Mean share of each query's exact top-k (own row excluded) that `index` also returns."""
+    _, found = index.search(vectors[query_rows], k + 1)
+    found = _without_self(found, query_rows, k)
+    hits = sum(len(set(f[f >= 0]) & set(t[t >= 0])) for f, t in zip(found, truth))
+    return hits / max(1, int((truth >= 0).sum()))
+
+
+def tune(index: faiss.Index, parameter: str | None, vectors: np.ndarray, query_rows: np.ndarray,
+         truth: np.ndarray, target: float) -> tuple[int | None, float, list[list[float]]]:
+    """Raise `parameter` step by step until recall@10 reaches `target` (or the steps end)."""
+    if parameter is None:
+        return None, recall_at_k(index, vectors, query_rows, truth), []
+    steps = EF_SEARCH_STEPS if parameter == "efSearch" else NPROBE_STEPS
+    if parameter == "nprobe":
+        steps = tuple(s for s in steps if s <= faiss.extract_index_ivf(index).nlist)
+    space, tried = faiss.ParameterSpace(), []
+    best = (steps[0], -1.0)
+    for value in steps:
+        space.set_index_parameter(index, parameter, value)
+        recall = recall_at_k(index, vectors, query_rows, truth)
+        tried.append([value, round(recall, 4)])
+        if recall > best[1]:
+            best = (value, recall)
+        if recall >= target:
+            return value, recall, tried
+    space.set_index_parameter(index, parameter, best[0])
+    return best[0], best[1], tried
+
+
+def apply_search_parameters(index: faiss.Index, parameters: dict[str, int]) -> None:
+    """Set the tuned efSearch / nprobe recorded in the manifest on an opened index."""
+    space = faiss.ParameterSpace()
+    for name, value in parameters.items():
+        space.set_index_parameter(index, name, int(value))
+
+
+UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+         "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_bytes(text: str) -> int:
+    """'512MB', '1.5GiB', '200000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in UNITS:
+        raise ValueError(f"memory budget {text!r} is not a size: use e.g. 800MB, 2GiB or a number of bytes")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "no limit"
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"

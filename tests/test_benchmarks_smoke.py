@@ -1,0 +1,68 @@
+"""Smoke tests of the benchmarks: each runs at --quick size on real data and writes a whole report.
+
+Figures are not checked against targets here (benchmarks never assert; timings do not belong in
+tests), only that every table, goal and file is there and every rate is a positive number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+
+def _check_report(report: dict, out, name: str, titles: list[str], goals: int) -> None:
+    assert report["benchmark"] == name and report["command"] and report["seconds"] > 0
+    assert report["machine"]["torch_threads"] == 1
+    assert [t["title"].split(",")[0] for t in report["tables"]] == titles
+    for t in report["tables"]:
+        assert t["rows"] and all(len(row) == len(t["columns"]) for row in t["rows"])
+    assert len(report["goals"]) == goals
+    for g in report["goals"]:
+        assert math.isfinite(g["measured"]) and isinstance(g["met"], bool)
+    saved = json.loads((out / f"{name}.json").read_text())
+    assert saved["goals"] == report["goals"]
+    markdown = (out / f"{name}.md").read_text()
+    assert markdown.startswith(f"### {name}") and all(t in markdown for t in titles)
+
+
+def test_reindex_benchmark_quick(tmp_path, fpi_parquet):
+    from benchmarks import reindex
+
+    out = tmp_path / "bench"
+    assert reindex.main(["--quick", "--threads", "1", "--out", str(out), "--data", str(fpi_parquet.parent)]) == 0
+    report = json.loads((out / "reindex.json").read_text())
+    _check_report(report, out, "reindex", ["Reindex throughput", "Where the end-to-end time went",
+                                            "Pure forward by batch size (the batch size is chosen here)"], goals=1)
+    assert report["catalogue"]["rows"] == reindex.QUICK["limit"]
+    assert report["pure_forward_images_per_second"] > 0 and report["naive_images_per_second"] > 0
+    assert report["end_to_end"]["images_per_second"] > 0 and report["end_to_end"]["forward_seconds"] > 0
+    assert report["batch_size"] in [int(b) for b in reindex.QUICK["batch_sizes"].split(",")]
+    assert not (out / "tmp" / "reindex").exists()  # the catalogue copy and the index are removed
+
+
+def test_training_benchmark_quick(tmp_path, fpi_parquet, idx_dir):
+    from benchmarks import training
+
+    out = tmp_path / "bench"
+    report = training.run(training.parse_args(["--quick", "--threads", "1", "--out", str(out),
+                                               "--data", str(fpi_parquet.parent)]))
+    training.write_report(report, out)
+    families = [m.family for m in training.MODELS]
+    _check_report(report, out, "training", ["Training throughput per model", "Where the real loop's time goes"],
+                  goals=len(families))
+    assert list(report["models"]) == families
+    for name, r in report["models"].items():
+        assert r["real_images_per_second"] > 0 and r["minimal_images_per_second"] > 0, name
+        assert 0 <= r["outside_step_share"] < 1 and r["steady"]["steps"] == 2, name
+    assert not (out / "tmp" / "training").exists()
+
+
+def test_benchmark_help_says_what_is_measured(capsys):
+    from benchmarks import reindex, training
+
+    for module, words in ((reindex, "pure forward"), (training, "minimal")):
+        with pytest.raises(SystemExit):
+            module.parse_args(["--help"])
+        assert words in capsys.readouterr().out

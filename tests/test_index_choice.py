@@ -1,0 +1,117 @@
+"""Index choice under a memory budget: which type is picked, that it stays under the budget,
+and that the recall recorded in the manifest is what the opened index really gives. Real FAISS."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from atelier import artifacts
+from atelier.catalog.fashion_mnist import SCHEMA
+from atelier.indexer.index_choice import (
+    DIRECT_MAP_BYTES, IndexBudgetError, IndexOptions, candidates, choose_index, exact_neighbours, parse_bytes,
+    recall_at_k,
+)
+from atelier.indexer.index_directory import INDEX_FILE, IndexDirectory, write_index_directory
+
+DIM = 64
+EMBEDDER = {"name": "test", "input_size": 32, "dim": DIM, "weights_sha256": "0" * 64}
+
+
+def clustered(n: int, d: int = DIM, centres: int = 200, spread: float = 0.5, seed: int = 0) -> np.ndarray:
+    """Unit vectors around random centres: neighbourhoods like embeddings have, unlike uniform noise."""
+    rng = np.random.default_rng(seed)
+    middle = rng.standard_normal((centres, d)).astype(np.float32)
+    v = middle[rng.integers(0, centres, n)] + spread * rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def publish(dest, vectors, options):
+    products = pa.table({"id": [f"p{i:06d}" for i in range(len(vectors))], "category": ["Dress"] * len(vectors)})
+    return write_index_directory(dest, vectors, products, EMBEDDER, SCHEMA, {"name": "t", "fingerprint": "f"},
+                                 options=options)
+
+
+def resident_bytes(folder, index: IndexDirectory) -> int:
+    """What the index costs a server: the mapped FAISS file, plus the direct map IVF builds at open."""
+    direct_map = DIRECT_MAP_BYTES * len(index) if "IVF" in index.manifest["index_type"] else 0
+    return (folder / INDEX_FILE).stat().st_size + direct_map
+
+
+def test_the_fastest_type_that_fits_is_chosen():
+    n = 1_000_000
+    assert choose_index(20_000, 256).factory == "Flat"  # small: exact
+    assert choose_index(n, 256).factory == "HNSW32,Flat"  # no budget: the fastest
+    assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("2GB"))).factory == "HNSW32,Flat"
+    assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("1.1GB"))).factory == "Flat"
+    assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("400MB"))).factory == "IVF4096,SQ8"
+    assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("100MB"))).factory == "IVF4096,PQ64np"
+    assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("40MB"))).factory == "IVF4096,PQ16np"
+    assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("200MB"), pca=128)).factory == "PCA128,IVF4096,SQ8"
+    sizes = [s.estimated_bytes(n) for s in candidates(n, 256)]
+    assert sizes[2:] == sorted(sizes[2:], reverse=True)  # after HNSW and Flat, each step is smaller
+
+
+def test_a_budget_nothing_fits_is_refused_naming_the_smallest():
+    with pytest.raises(IndexBudgetError, match=r"no index type fits 1,000,000 vectors .* 9.5 MiB: the smallest, "
+                                               r"IVF4096,PQ8np, needs about .* MiB; raise the budget"):
+        choose_index(1_000_000, 256, IndexOptions(memory_budget=parse_bytes("10MB")))
+
+
+@pytest.mark.parametrize("budget, kind", [("2MB", "ivf-sq8"), ("450KB", "ivf-pq")])
+def test_an_index_chosen_under_a_budget_stays_under_it_and_its_recorded_recall_holds(tmp_path, budget, kind):
+    vectors = clustered(10_000)
+    options = IndexOptions(memory_budget=parse_bytes(budget), exact_below=1_000, recall_queries=300)
+    folder = publish(tmp_path / "index", vectors, options)
+    index = IndexDirectory.open(tmp_path / "index")
+    record = index.manifest["index_choice"]
+    assert record["kind"] == kind and index.manifest["index_type"] == record["factory"]
+    assert resident_bytes(folder, index) <= parse_bytes(budget)
+    assert record["bytes"] == (folder / INDEX_FILE).stat().st_size
+    # the opened (memory-mapped) index carries the tuned parameter: its recall is the recorded one
+    queries = np.sort(np.random.default_rng(7).choice(len(vectors), 300, replace=False))
+    recall = recall_at_k(index.index, vectors, queries, exact_neighbours(vectors, queries))
+    assert abs(recall - record["recall_at_10"]) < 0.08
+    if kind == "ivf-sq8":  # 8-bit codes keep neighbourhoods: the target is reached
+        assert record["recall_at_10"] >= 0.95 and recall >= 0.9
+    assert len(index.product_rows(index.search(vectors[:2], 5)[1][0].tolist())) == 5
+
+
+def test_hnsw_is_tuned_until_it_reaches_the_target_recall(tmp_path):
+    vectors = clustered(8_000)
+    publish(tmp_path / "index", vectors, IndexOptions(exact_below=1_000, target_recall=0.97, recall_queries=300))
+    index = IndexDirectory.open(tmp_path / "index")
+    record = index.manifest["index_choice"]
+    assert record["factory"] == "HNSW32,Flat" and record["recall_at_10"] >= 0.97
+    assert [step[0] for step in record["tuning"]][-1] == record["search_parameters"]["efSearch"]
+    assert index.index.hnsw.efSearch == record["search_parameters"]["efSearch"]  # applied at open
+    assert np.allclose(index.vectors(np.arange(5)), vectors[:5], atol=1e-6)  # full vectors: the merge is exact
+
+
+def test_a_small_catalogue_gets_the_exact_index_and_recall_one(tmp_path):
+    vectors = clustered(2_000)
+    publish(tmp_path / "index", vectors, IndexOptions())
+    record = IndexDirectory.open(tmp_path / "index").manifest["index_choice"]
+    assert (record["factory"], record["recall_at_10"]) == ("Flat", 1.0)
+
+
+@pytest.mark.parametrize("text, expected", [("800MB", 800_000_000), ("2GiB", 2 << 30), ("1.5kb", 1500), ("123", 123)])
+def test_sizes_parse(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_an_impossible_budget_fails_before_embedding_and_keeps_the_old_index(tmp_path, small_catalogue, small_index):
+    dest = tmp_path / "index"
+    dest.symlink_to(artifacts.resolve(small_index))  # "the previous index": what dest serves now
+    before = artifacts.resolve(dest)
+    run = subprocess.run([sys.executable, "-m", "atelier.cli", "index", "--catalogue", str(small_catalogue), "--out", str(dest),
+                          "--embedder", "mobilenet_v2", "--memory-budget", "1KB", "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    assert "no index type fits" in run.stderr and "1000 B" in run.stderr and "raise the budget" in run.stderr
+    assert artifacts.resolve(dest) == before
+    bad = subprocess.run([sys.executable, "-m", "atelier.cli", "index", "--catalogue", str(small_catalogue), "--out", str(dest),
+                          "--memory-budget", "lots"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "memory budget 'lots' is not a size" in bad.stderr
