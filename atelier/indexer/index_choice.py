@@ -154,8 +154,7 @@ def build_index(vectors: np.ndarray, options: IndexOptions | None = None) -> Bui
     if spec.kind == "ivf-pq":  # OPQ where it pays: compare on a sample
         spec, opq_record = _with_opq_if_better(spec, vectors, options, rng)
     index = new_index(dim, spec.factory)
-    if not index.is_trained:
-        index.train(_training_sample(vectors, spec.factory, rng))
+    train_index(index, _training_sample(vectors, spec.factory, rng))
     index.add(vectors)
     built = time.perf_counter() - start
     record: dict[str, Any] = {"factory": spec.factory, "kind": spec.kind, "memory_budget": options.memory_budget,
@@ -188,6 +187,21 @@ def new_index(dim: int, factory: str) -> faiss.Index:
     return index
 
 
+def train_index(index: faiss.Index, sample: np.ndarray) -> None:
+    """index.train, except that a PCA pre-transform is trained first and its bias zeroed:
+    faiss's PCA maps x to A(x - mean), which shifts each row's inner product by a different
+    amount (recall@10 0.08 on the real 44k); A x keeps the ranking. Trained transforms are then
+    skipped by index.train, so IVF centroids are learnt in the space searched."""
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            transform = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(transform, faiss.PCAMatrix) and not transform.is_trained:
+                transform.train(sample)
+                faiss.copy_array_to_vector(np.zeros(transform.d_out, dtype=np.float32), transform.b)
+    if not index.is_trained:
+        index.train(sample)
+
+
 def _training_sample(vectors: np.ndarray, factory: str, rng: np.random.Generator) -> np.ndarray:
     match = re.search(r"IVF(\d+)", factory)
     wanted = 64 * int(match.group(1)) if match else 65_536  # k-means wants ~40-256 points per centroid
@@ -213,7 +227,7 @@ def _with_opq_if_better(spec: IndexSpec, vectors: np.ndarray, options: IndexOpti
     for candidate in (spec, opq):
         small = candidate.factory.replace(f"IVF{ivf_lists(len(vectors))}", f"IVF{ivf_lists(len(sample))}")
         index = new_index(vectors.shape[1], small)
-        index.train(_training_sample(sample, small, rng))
+        train_index(index, _training_sample(sample, small, rng))
         index.add(sample)
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", 16)
         scores[candidate.factory] = round(recall_at_k(index, sample, queries, truth), 4)
