@@ -19,7 +19,7 @@ Every request, in process and served, is drawn the same way: random valid attrib
 served model's schema (benchmarks.soak.Requests, no invalid ones), a random seed, `--num-samples`
 images and `--top-k` products, no images returned.
 
-Dynamic batching (atelier.retrieval.batching, when installed): the server gathers concurrent
+Dynamic batching (atelier.retrieval.batching): the server gathers concurrent
 requests for one model into one generator and one embedder batch within `--batch-wait-ms`, up to
 `--max-batch-rows` rows, run in slices of `--batch-chunk-rows`. Its admission bound
 (`max_queue_per_model`) is set to the largest concurrency, so no request is shed, and its gRPC
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import importlib.util
 import json
 import os
 import random
@@ -57,13 +56,6 @@ DEFAULT_MODEL = REPO / "checkpoints" / "mcgan-fpi-apparel"
 QUICK_MODEL = REPO / "checkpoints" / "cgan-fashion-mnist"
 STAGE_ORDER = ("validate", "queue", "generate", "embed", "search", "merge", "encode")
 BATCHED, UNBATCHED = "batched", "unbatched"
-
-
-def batching_installed() -> bool:
-    try:
-        return importlib.util.find_spec("atelier.retrieval.batching") is not None
-    except ImportError:
-        return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -194,9 +186,7 @@ def request_settings(args: argparse.Namespace) -> SimpleNamespace:
 
 
 def batch_policy(args: argparse.Namespace, on: bool):
-    """The BatchPolicy to open the service with, None where batching is not installed."""
-    if not batching_installed():
-        return None
+    """The BatchPolicy to open the service with: the given one, or one request per batch (`on` False)."""
     from atelier.retrieval.batching import BatchPolicy
 
     chunk = {"chunk_rows": args.batch_chunk_rows} if args.batch_chunk_rows is not None else {}
@@ -406,8 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)  # this process only drives the load; the figure names the server's threads
     host = machine(server_torch_threads=args.threads, client="grpc.aio, one channel, this process")
-    batching = batching_installed()
-    configs = [BATCHED] + ([UNBATCHED] if batching and not args.no_unbatched else [])
+    configs = [BATCHED] + ([UNBATCHED] if not args.no_unbatched else [])
     runs = {config: serve_and_load(args, index, config) for config in configs}
 
     notes = [f"Index {index} ({runs[BATCHED]['server']['index_products']:,} products), model {args.model_name} "
@@ -418,13 +407,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              f"{runs[BATCHED]['server']['limits'].get('max_running_per_model')}, "
              f"{runs[BATCHED]['server']['workers']} gRPC workers; client and server share this machine's "
              f"{os.cpu_count()} CPUs."]
-    if batching:
-        notes.append(f"batched: BatchPolicy {runs[BATCHED]['server']['batching']}"
-                     + (f"; unbatched: BatchPolicy {runs[UNBATCHED]['server']['batching']} (max_batch_rows 1: "
-                        "every batch is one request; the same worker threads)" if UNBATCHED in runs else ""))
-    else:
-        notes.append("TODO: atelier.retrieval.batching is not installed: the server ran without dynamic batching "
-                     "(--batch-wait-ms, --max-batch-rows and --batch-chunk-rows were not applied), and there is no unbatched comparison.")
+    notes.append(f"batched: BatchPolicy {runs[BATCHED]['server']['batching']}"
+                 + (f"; unbatched: BatchPolicy {runs[UNBATCHED]['server']['batching']} (max_batch_rows 1: "
+                    "every batch is one request; the same worker threads)" if UNBATCHED in runs else ""))
 
     in_rows = []
     stage_names: list[str] = []
@@ -485,7 +470,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "concurrency": args.concurrency, "num_samples": args.num_samples, "top_k": args.top_k,
                          "timeout": args.timeout, "batch_wait_ms": args.batch_wait_ms,
                          "max_batch_rows": args.max_batch_rows, "batch_chunk_rows": args.batch_chunk_rows,
-                         "batching_installed": batching, "quick": args.quick},
+                         "quick": args.quick},
             "runs": runs, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
 
 
