@@ -374,9 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most num_samples x top_k of one request: bounds the merge work (default 1024)")
     p.add_argument("--max-queue", type=int, default=8, metavar="N",
                    help="per model, most requests running or waiting; the next gets RESOURCE_EXHAUSTED at once (default 8)")
-    p.add_argument("--max-running", type=int, default=1, metavar="N",
+    p.add_argument("--max-running", type=int, default=2, metavar="N",
                    help="per model, batches computed at once (batch worker threads); the rest of the queue waits "
-                        "for the next batch (default 1)")
+                        "for the next batch (default 2)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, metavar="MS",
                    help="dynamic batching: how long a batch waits for more requests for the same model after its "
                         "first (default 2; 0 = no wait, only what already queued)")

@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="server: most generator rows in one batch (BatchPolicy.max_batch_rows; default the policy's own)")
     p.add_argument("--batch-chunk-rows", type=int,
                    help="server: the one row count both networks run at (BatchPolicy.chunk_rows; default the policy's own)")
+    p.add_argument("--max-running", type=int, default=2,
+                   help="server: batch worker threads per model (Limits.max_running_per_model; default 2, the server's)")
     p.add_argument("--no-unbatched", action="store_true",
                    help="skip the second served run on a server without dynamic batching")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline of each call in seconds (default 30)")
@@ -205,7 +207,7 @@ def serve_child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    limits = Limits(max_queue_per_model=args.max_queue)
+    limits = Limits(max_queue_per_model=args.max_queue, max_running_per_model=args.max_running)
     policy = batch_policy(args, args.child_batching == "on")
     extra = {"batching": policy} if policy is not None else {}
     service = RetrievalService.open(args.index, {args.model_name: args.model}, limits, **extra)
@@ -237,7 +239,8 @@ def start_server_process(args: argparse.Namespace, index: Path, config: str) -> 
                "--model", str(args.model), "--model-name", args.model_name, "--threads", str(args.threads),
                "--seconds", str(args.seconds), "--warmup-seconds", str(args.warmup_seconds),
                "--num-samples", str(args.num_samples), "--top-k", str(args.top_k), "--seed", str(args.seed),
-               "--max-queue", str(max(args.concurrency)), "--child-batching", "on" if config == BATCHED else "off"]
+               "--max-queue", str(max(args.concurrency)), "--child-batching", "on" if config == BATCHED else "off",
+               "--max-running", str(args.max_running)]
     if args.batch_wait_ms is not None:
         command += ["--batch-wait-ms", str(args.batch_wait_ms)]
     if args.max_batch_rows is not None:
