@@ -20,7 +20,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,6 +100,15 @@ def to_markdown(report: dict[str, Any]) -> str:
               f"load average at start {m['load_average_at_start']}, {m['date']}.",
               f"Command: `{report['command']}` ({report.get('seconds', 0):.0f} s).", ""]
     return "\n".join(lines)
+
+
+def run_and_report(run: Callable[[Any], dict[str, Any]], args: Any) -> int:
+    """A benchmark's main: run it, write its JSON + Markdown under args.out, print the Markdown."""
+    report = run(args)
+    json_path, md_path = write_report(report, Path(args.out))
+    print(to_markdown(report))
+    print(f"report: {json_path} {md_path}", file=sys.stderr)
+    return 0
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

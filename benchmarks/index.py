@@ -55,7 +55,7 @@ if __package__ in (None, ""):  # `python benchmarks/index.py` as well as `python
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import REPO, command_line, goal, machine, percentile, table, to_markdown, write_report  # noqa: E402
+from benchmarks.common import REPO, command_line, goal, machine, percentile, table, run_and_report  # noqa: E402
 
 NAME = "index"
 DEFAULT_REAL_INDEX = REPO / "runs" / "demo-fpi" / "index"
@@ -830,10 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_child:
         memory_child(args)
         return 0
-    report = run(args)
-    write_report(report, Path(args.out))
-    print(to_markdown(report))
-    return 0
+    return run_and_report(run, args)
 
 
 if __name__ == "__main__":

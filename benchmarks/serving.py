@@ -48,7 +48,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from benchmarks.common import REPO, command_line, goal, machine, percentile, table, to_markdown, write_report
+from benchmarks.common import REPO, command_line, goal, machine, percentile, table, run_and_report
 from benchmarks.soak import Requests, build_small_index, rss_mib
 
 DEFAULT_INDEX = REPO / "runs" / "demo-fpi" / "index"  # the FPI demo: 44,441 products, in-domain embedder
@@ -482,11 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_child:
         serve_child(args)
         return 0
-    report = run(args)
-    json_path, md_path = write_report(report, args.out)
-    print(to_markdown(report))
-    print(f"report: {json_path} {md_path}", file=sys.stderr)
-    return 0
+    return run_and_report(run, args)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/training.py` as well as `python -m benchmarks.training`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, command_line, goal, machine, table, to_markdown, write_report  # noqa: E402
+from benchmarks.common import REPO, command_line, goal, machine, table, run_and_report  # noqa: E402
 
 NAME = "training"
 TARGET = 0.10
@@ -347,10 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
-    write_report(report, Path(args.out))
-    print(to_markdown(report))
-    return 0
+    return run_and_report(run, args)
 
 
 if __name__ == "__main__":

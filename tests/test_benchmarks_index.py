@@ -11,13 +11,15 @@ import math
 
 import numpy as np
 
+from benchmarks.common import write_report
+
 
 def test_index_benchmark_quick(tmp_path):
     from benchmarks import index
 
     out = tmp_path / "bench"
     report = index.run(index.parse_args(["--quick", "--out", str(out), "--threads", "1"]))
-    index.write_report(report, out)
+    write_report(report, out)
 
     assert report["benchmark"] == "index" and report["command"] and report["seconds"] > 0
     titles = [t["title"] for t in report["tables"]]

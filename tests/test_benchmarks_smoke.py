@@ -11,6 +11,8 @@ import math
 
 import pytest
 
+from benchmarks.common import write_report
+
 
 def _check_report(report: dict, out, name: str, titles: list[str], goals: int) -> None:
     assert report["benchmark"] == name and report["command"] and report["seconds"] > 0
@@ -48,7 +50,7 @@ def test_training_benchmark_quick(tmp_path, fpi_parquet, idx_dir):
     out = tmp_path / "bench"
     report = training.run(training.parse_args(["--quick", "--threads", "1", "--out", str(out),
                                                "--data", str(fpi_parquet.parent)]))
-    training.write_report(report, out)
+    write_report(report, out)
     families = [m.family for m in training.MODELS]
     _check_report(report, out, "training", ["Training throughput per model", "Where the real loop's time goes"],
                   goals=len(families))

@@ -51,8 +51,7 @@ from atelier.indexer.index_directory import IndexDirectory
 from atelier.retrieval.batching import BatchPolicy, Expired, Job, ModelBatcher
 
 log = logging.getLogger("atelier.retrieval")
-STAGES = ("validate", "generate", "embed", "search", "merge")
-TIMINGS = ("validate", "queue", "generate", "embed", "search", "merge")  # "queue": waiting for a batch
+STAGES = ("validate", "generate", "embed", "search", "merge")  # timings add "queue": waiting for a batch
 
 
 class InvalidRequest(ValueError):
