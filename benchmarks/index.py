@@ -25,7 +25,7 @@ The IVF candidates of one size share one k-means (faiss's own IVF training) and 
 the rows to its centroids; each candidate's build seconds count both in full, as a build of its
 own would. Then: what choose_index picks at each size with no budget and under --budgets-*, its
 estimated against its written bytes; the goal at the largest size (recall@10 >= 0.95 at >= 10x Flat's
-single-query QPS); and (issue 6 item 5) the resident memory of a served process (RetrievalService
+single-query QPS); and the resident memory of a served process (RetrievalService
 with the mcgan model) over a directory of the synthetic set's default choice (HNSW at 1M) and over
 the real 44k one, beside the bytes of the index file, products.arrow and the model weights.
 Timings: with --threads 2 on 2 cores, any other busy process stalls OpenMP's threads; the report
@@ -45,9 +45,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):  # `python benchmarks/index.py` as well as `python -m benchmarks.index`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,14 +56,14 @@ if __package__ in (None, ""):  # `python benchmarks/index.py` as well as `python
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import REPO, command_line, goal, machine, percentile, table, run_and_report  # noqa: E402
+from benchmarks.common import REPO, command_line, goal, machine, percentile, run_and_report, table  # noqa: E402
 
 NAME = "index"
 DEFAULT_REAL_INDEX = REPO / "runs" / "demo-fpi" / "index"
 DEFAULT_CATALOGUE = REPO / "runs" / "demo-fpi" / "catalogue-index"
 DEFAULT_MODEL = REPO / "checkpoints" / "mcgan-fpi-apparel"
 K = 10  # recall@10
-QPS_GOAL = 10.0  # issue 6: >= 10x the flat index's QPS at recall@10 >= 0.95
+QPS_GOAL = 10.0  # goal: >= 10x the flat index's QPS at recall@10 >= 0.95
 MB = 1e6
 QUICK = {"synthetic_rows": 20_000, "dim": 64, "queries": 200, "skip": "pq,opq,pca", "budgets": "2MB,700KB,500KB"}
 STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
@@ -464,7 +465,7 @@ def measure_dataset(ds: Dataset, args: argparse.Namespace, budgets: list[int | N
     return rows, choices, kept
 
 
-# -- memory of a served process (issue 6 item 5) ------------------------------------------------------
+# -- memory of a served process ---------------------------------------------------------------------
 def status_mb() -> dict[str, float]:
     values = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -524,14 +525,16 @@ def write_directory(dest: Path, vectors: np.ndarray, products, real, prebuilt=No
 
     from atelier import artifacts
     from atelier.indexer import index_directory
+    from atelier.indexer.index_choice import choose_index
 
     with artifacts.staging(dest) as stage:
         shutil.copytree(real.path / real.embedder["files"], stage / real.embedder["files"])
         catalogue = {"name": f"synthetic-{len(vectors)}" if prebuilt else real.manifest["catalogue"]["name"],
                      "rows": len(vectors), "fingerprint": "synthetic" if prebuilt else real.manifest["catalogue"]["fingerprint"]}
-        build = mock.patch.object(index_directory, "build_index", lambda v, o: prebuilt) if prebuilt else contextlib.nullcontext()
+        build = mock.patch.object(index_directory, "build_index", lambda v, s, o: prebuilt) if prebuilt else contextlib.nullcontext()
+        choice = prebuilt.spec if prebuilt else choose_index(len(vectors), vectors.shape[1])
         with build:
-            index_directory.build_index_directory(stage, vectors, products, real.embedder, real.schema, catalogue)
+            index_directory.build_index_directory(stage, vectors, products, real.embedder, real.schema, catalogue, choice)
         return artifacts.publish(stage, dest)
 
 
@@ -704,7 +707,8 @@ def structure_row(label: str, vectors: np.ndarray, queries: int, rng: np.random.
 
 
 def qps_goals(ds: Dataset, rows: list[dict[str, Any]], target: float) -> list[dict[str, Any]]:
-    """Issue 6: the fastest candidate index_choice can build with recall@10 >= target, against Flat."""
+    """Goal: recall@10 >= target at >= QPS_GOAL x Flat's QPS (single and batched), met by the fastest
+    candidate index_choice can build that reaches the recall."""
     flat = next(r for r in rows if r["kind"] == "flat")
     good = [r for r in rows if r["kind"] != "flat" and r["recall_at_10"] >= target]
     goals = []
@@ -716,10 +720,22 @@ def qps_goals(ds: Dataset, rows: list[dict[str, Any]], target: float) -> list[di
     return goals
 
 
+@dataclass
+class Findings:
+    """What run() measures while its scratch folder exists, for the report written after it is gone."""
+    sample_seconds: float = 0.0
+    tables: list[dict[str, Any]] = field(default_factory=list)  # one candidate table per set
+    goals: list[dict[str, Any]] = field(default_factory=list)
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    choice_body: list[list[Any]] = field(default_factory=list)
+    structure: list[list[Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    memory_rows: list[list[Any]] = field(default_factory=list)
+    memory_notes: list[str] = field(default_factory=list)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-
-    from atelier.indexer.index_choice import EXACT_BELOW, choose_index
 
     torch.set_num_threads(args.threads)  # generated-image queries; and machine() records it
     faiss.omp_set_num_threads(args.threads)
@@ -727,81 +743,103 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = args.out / "tmp" / NAME
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tables, goals, sets, choice_body, structure, notes = [], [], {}, [], [], []
-    memory_rows, memory_notes = [], []
     try:
-        real, real_ds = None, None
-        if not args.no_real:
-            real_ds, real, why = real_dataset(args, np.random.default_rng(args.seed))
-            notes += [why] if why else []
-        big, sample_seconds = synthetic_dataset(args)
-        serve_big = not args.no_memory and real is not None and (args.model / "manifest.json").is_file()
-        if not args.no_memory and not serve_big:
-            notes.append(f"memory section skipped: it needs the real index and the model {args.model}")
-
-        rng = np.random.default_rng(args.seed + 3)  # neighbour structure: the real set, the mixture cut to its size
-        if real_ds is not None:
-            structure.append(structure_row(real_ds.name, real_ds.vectors, args.queries, rng))
-        cut = big.vectors[: real_ds.n if real_ds is not None else min(big.n, 44_441)]
-        structure.append(structure_row(f"synthetic, first {len(cut):,} rows", cut, args.queries, rng))
-
-        default_choice = choose_index(big.n, big.dim).factory  # what the memory section serves
-        for ds, key in ((real_ds, "real"), (big, "synthetic")):
-            if ds is None:
-                continue
-            keep = (lambda b: b.factory == default_choice) if ds is big and serve_big else (lambda b: False)
-            rows, choices, kept = measure_dataset(ds, args, args.budgets[key], tmp, keep)
-            sets[ds.name] = {"n": ds.n, "dim": ds.dim, "candidates": rows,
-                             "choices": [{"budget": b, "factory": s and s.factory, "estimated_bytes": s and s.estimated_bytes(ds.n),
-                                          "error": e} for b, s, e in choices]}
-            tables.append(candidate_table(ds, rows, args))
-            body, worst = choice_rows(ds, rows, choices, args.budget_text[key])
-            choice_body += body
-            if worst is not None:
-                goals.append(goal(f"{ds.name}: written index bytes / memory budget, worst over {len(choices) - 1} budgets",
-                                  worst, 1.0, higher_is_better=False))
-            if ds is big:
-                structure.append([f"{ds.name} (fresh queries)", ds.n,
-                                  *neighbour_structure(ds.truth_scores, ds.vectors, rng).values()])
-                goals += qps_goals(ds, rows, args.target_recall)
-                if serve_big:
-                    built = kept.get(default_choice)
-                    row = next((r for r in rows if r["factory"] == default_choice), None)
-                    try:
-                        memory_rows, memory_notes = memory_section(args, real, real_ds, big, built, row, tmp)
-                    except Exception as error:  # noqa: BLE001 - keep and report the measurements above
-                        log(f"memory section failed: {error!r}")
-                        notes.append(f"memory section failed: {error!r}"[:3000])
-                del kept
+        found = measure_sets(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(OSError):
             tmp.parent.rmdir()  # --out/tmp, when no other benchmark is using it
 
+    tables = found.tables + [budget_table(found.sets, found.choice_body),
+                             structure_table(args, found.structure, found.sample_seconds, found.notes)]
+    if found.memory_rows:
+        tables.append(memory_table(args, found.memory_rows, found.memory_notes))
+    return {"benchmark": NAME, "command": command_line(), "seconds": time.perf_counter() - began, "machine": host,
+            "threads": args.threads, "target_recall": args.target_recall, "sets": found.sets,
+            "mixture": {"centres": args.centres, "dim": args.dim, "seed": args.seed}, "tables": tables, "goals": found.goals}
+
+
+def measure_sets(args: argparse.Namespace, tmp: Path) -> Findings:
+    """Both sets of vectors: their neighbour structure, every candidate, the budget choices and, over the
+    synthetic set's default choice, the memory of a served process."""
+    from atelier.indexer.index_choice import choose_index
+
+    found = Findings()
+    real, real_ds = None, None
+    if not args.no_real:
+        real_ds, real, why = real_dataset(args, np.random.default_rng(args.seed))
+        found.notes += [why] if why else []
+    big, found.sample_seconds = synthetic_dataset(args)
+    serve_big = not args.no_memory and real is not None and (args.model / "manifest.json").is_file()
+    if not args.no_memory and not serve_big:
+        found.notes.append(f"memory section skipped: it needs the real index and the model {args.model}")
+
+    rng = np.random.default_rng(args.seed + 3)  # neighbour structure: the real set, the mixture cut to its size
+    if real_ds is not None:
+        found.structure.append(structure_row(real_ds.name, real_ds.vectors, args.queries, rng))
+    cut = big.vectors[: real_ds.n if real_ds is not None else min(big.n, 44_441)]
+    found.structure.append(structure_row(f"synthetic, first {len(cut):,} rows", cut, args.queries, rng))
+
+    default_choice = choose_index(big.n, big.dim).factory  # what the memory section serves
+    if real_ds is not None:
+        measure_set(real_ds, "real", args, tmp, found)
+    rows, kept = measure_set(big, "synthetic", args, tmp, found, keep=default_choice if serve_big else None)
+    found.structure.append([f"{big.name} (fresh queries)", big.n,
+                            *neighbour_structure(big.truth_scores, big.vectors, rng).values()])
+    found.goals += qps_goals(big, rows, args.target_recall)
+    if serve_big:
+        built, row = kept.get(default_choice), next((r for r in rows if r["factory"] == default_choice), None)
+        try:
+            found.memory_rows, found.memory_notes = memory_section(args, real, real_ds, big, built, row, tmp)
+        except Exception as error:  # noqa: BLE001 - keep and report the measurements above
+            log(f"memory section failed: {error!r}")
+            found.notes.append(f"memory section failed: {error!r}"[:3000])
+    return found
+
+
+def measure_set(ds: Dataset, key: str, args: argparse.Namespace, tmp: Path, found: Findings,
+                keep: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Built]]:
+    """Every candidate of one set and its budget choices, into `found`; returns the rows and the built
+    index of factory `keep` (for the memory section; the others are dropped as soon as measured)."""
+    rows, choices, kept = measure_dataset(ds, args, args.budgets[key], tmp, lambda b: b.factory == keep)
+    found.sets[ds.name] = {"n": ds.n, "dim": ds.dim, "candidates": rows,
+                           "choices": [{"budget": b, "factory": s and s.factory, "estimated_bytes": s and s.estimated_bytes(ds.n),
+                                        "error": e} for b, s, e in choices]}
+    found.tables.append(candidate_table(ds, rows, args))
+    body, worst = choice_rows(ds, rows, choices, args.budget_text[key])
+    found.choice_body += body
+    if worst is not None:
+        found.goals.append(goal(f"{ds.name}: written index bytes / memory budget, worst over {len(choices) - 1} budgets",
+                                worst, 1.0, higher_is_better=False))
+    return rows, kept
+
+
+def budget_table(sets: dict[str, dict[str, Any]], body: list[list[Any]]) -> dict[str, Any]:
+    from atelier.indexer.index_choice import EXACT_BELOW
+
     pq = [f"{r['factory']} {r['recall_at_10']:.3f} ({name})" for name, s in sets.items() for r in s["candidates"]
           if "PQ" in r["factory"]]
-    tables.append(table("What choose_index picks under a memory budget",
-                        ["set", "budget", "choice", "estimated MB", "written MB", "recall@10", "parameter", "within budget"],
-                        choice_body,
-                        ["Choice: atelier.indexer.index_choice.choose_index(n, dim, IndexOptions(memory_budget=...)); its "
-                         "written bytes, recall and parameter are those measured for the same factory string in the "
-                         "candidate tables (build_index would also compare OPQ on a 20k sample for an IVF-PQ pick: the OPQ "
-                         "rows there give both at full size).",
-                         f"Exact search comes first up to {EXACT_BELOW:,} vectors; budgets are decimal (1 MB = 10^6 bytes)."]
-                        + ([f"Best recall@10 of IVF-PQ at any nprobe: {'; '.join(pq)} (the code's error against the gap "
-                            "between a query's neighbours)."] if pq else [])))
-    tables.append(table("Neighbour structure: real against synthetic vectors",
-                        ["vectors", "rows", "top-1 cosine", "mean top-10 cosine", "10th cosine", "random pair cosine",
-                         "variance in 16 principal directions"], structure,
-                        [f"Exact top-10 of {args.queries:,} queries (rows of the set, own row left out; fresh points for the "
-                         "last line). The mixture's parameters were fitted so that its first rows match the real set; at "
-                         "more rows the same mixture is denser, so neighbours are closer.",
-                         f"Sampling the synthetic set took {sample_seconds:.1f} s."] + notes))
-    if memory_rows:
-        tables.append(memory_table(args, memory_rows, memory_notes))
-    return {"benchmark": NAME, "command": command_line(), "seconds": time.perf_counter() - began, "machine": host,
-            "threads": args.threads, "target_recall": args.target_recall, "sets": sets,
-            "mixture": {"centres": args.centres, "dim": args.dim, "seed": args.seed}, "tables": tables, "goals": goals}
+    return table("What choose_index picks under a memory budget",
+                 ["set", "budget", "choice", "estimated MB", "written MB", "recall@10", "parameter", "within budget"],
+                 body,
+                 ["Choice: atelier.indexer.index_choice.choose_index(n, dim, IndexOptions(memory_budget=...)); its "
+                  "written bytes, recall and parameter are those measured for the same factory string in the "
+                  "candidate tables (build_index would also compare OPQ on a 20k sample for an IVF-PQ pick: the OPQ "
+                  "rows there give both at full size).",
+                  f"Exact search comes first up to {EXACT_BELOW:,} vectors; budgets are decimal (1 MB = 10^6 bytes)."]
+                 + ([f"Best recall@10 of IVF-PQ at any nprobe: {'; '.join(pq)} (the code's error against the gap "
+                     "between a query's neighbours)."] if pq else []))
+
+
+def structure_table(args: argparse.Namespace, rows: list[list[Any]], sample_seconds: float,
+                    notes: list[str]) -> dict[str, Any]:
+    return table("Neighbour structure: real against synthetic vectors",
+                 ["vectors", "rows", "top-1 cosine", "mean top-10 cosine", "10th cosine", "random pair cosine",
+                  "variance in 16 principal directions"], rows,
+                 [f"Exact top-10 of {args.queries:,} queries (rows of the set, own row left out; fresh points for the "
+                  "last line). The mixture's parameters were fitted so that its first rows match the real set; at "
+                  "more rows the same mixture is denser, so neighbours are closer.",
+                  f"Sampling the synthetic set took {sample_seconds:.1f} s."] + notes)
 
 
 def memory_table(args: argparse.Namespace, rows: list[list[Any]], notes: list[str]) -> dict[str, Any]:

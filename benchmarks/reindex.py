@@ -11,7 +11,7 @@ Measured, each at the same batch size and torch threads:
                 write the FAISS index, publish (rows / wall seconds);
   naive loop    one image at a time: decode, prepare, forward of a batch of 1.
 The batch size is chosen by measurement: a sweep of the pure forward over --batch-sizes, the
-fastest wins (unless --batch-size is given). Goal (issue 6): end to end >= 0.85 x pure forward.
+fastest wins (unless --batch-size is given). Goal: end to end >= 0.85 x pure forward.
 
 The catalogue is --catalogue (default runs/demo-fpi/catalogue-index, Fashion Product Images
 apparel-6x6-all, 44,441 products); when it is absent it is imported there from
@@ -29,13 +29,14 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # `python benchmarks/reindex.py` as well as `python -m benchmarks.reindex`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, command_line, goal, machine, table, run_and_report  # noqa: E402
+from benchmarks.common import REPO, command_line, goal, machine, run_and_report, table  # noqa: E402
 
 NAME = "reindex"
 DEFAULT_CATALOGUE = REPO / "runs" / "demo-fpi" / "catalogue-index"
@@ -216,10 +217,25 @@ def end_to_end(catalogue, dest: Path, embedder_name: str, input_size: int, batch
             **{k: v for k, v in build.items() if k.endswith("_seconds")}}
 
 
+@dataclass
+class Measured:
+    """Everything run() measured, for the report: the inputs, the sweep, the three rates."""
+    catalogue: Any
+    embedder_name: str
+    embedder: Any
+    sample: int  # prepared images of the pure forward and the sweep
+    decode_seconds: float  # per image, decode + prepare alone
+    sizes: list[int]
+    passes: dict[int, list[float]]  # images/s of each sweep pass, per batch size
+    sweep: dict[int, float]  # the best pass of each batch size
+    batch: int
+    pure: float
+    job: dict[str, Any]
+    naive: float
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-
-    from atelier.indexer.embedders import AUTO, build_embedder, embedder_for_catalogue
 
     torch.set_num_threads(args.threads)
     began, host = time.perf_counter(), machine()  # the load average before this run adds its own
@@ -227,84 +243,116 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        catalogue = open_catalogue(args, tmp)
-        embedder_name = embedder_for_catalogue(catalogue.name) if args.embedder == AUTO else args.embedder
-        embedder = build_embedder(embedder_name, args.input_size)
-        pixels, decode_seconds = prepared_sample(catalogue, embedder, min(args.sample, len(catalogue)))
-        print(f"{catalogue.name}: {len(catalogue)} rows; embedder {embedder.name} {embedder.input_size} px "
-              f"{embedder.dim}-d; {torch.get_num_threads()} torch threads", file=sys.stderr)
-
-        # rounds interleaved, best of each: a burst of other work on the machine hits every size alike
-        sizes = [int(x) for x in args.batch_sizes.split(",")]
-        passes: dict[int, list[float]] = {b: [] for b in sizes}
-        for _ in range(args.rounds):
-            for b in sizes:
-                passes[b].append(forward_rate(embedder, pixels, b))
-        sweep = {b: max(r) for b, r in passes.items()}
-        for b, r in sweep.items():
-            print(f"pure forward, batch {b}: {r:.1f} img/s", file=sys.stderr)
-        batch = args.batch_size or max(sweep, key=sweep.get)
-        # once more right before the job, so the limit and the job see the machine in one state
-        pure = max(sweep.get(batch, 0.0), forward_rate(embedder, pixels, batch))
-        job = end_to_end(catalogue, tmp / "index" / "dest", embedder_name, args.input_size, batch, args.threads)
-        print(f"end to end, batch {batch}: {job['images_per_second']:.1f} img/s", file=sys.stderr)
-        naive = naive_rate(catalogue, embedder, min(args.naive, len(catalogue)))
-        print(f"naive loop: {naive:.1f} img/s", file=sys.stderr)
+        m = measure(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(OSError):
             tmp.parent.rmdir()  # --out/tmp, when no other benchmark is using it
 
-    ratio = job["images_per_second"] / pure
     threads = torch.get_num_threads()
-    outside = job["seconds"] - job["loop_seconds"]
-    other = job["loop_seconds"] - job["forward_seconds"] - job["wait_seconds"]
-    tables = [
-        table(f"Reindex throughput, batch {batch}, {threads} torch threads",
-              ["path", "images", "images/s", "x pure forward"],
-              [["pure forward (decoded beforehand): the limit", len(pixels), pure, 1.0],
-               ["end to end: reindex(), Parquet -> published index", job["images"], job["images_per_second"], ratio],
-               ["naive loop: decode + embed one image at a time", min(args.naive, len(catalogue)), naive, naive / pure]],
-              [f"Catalogue {catalogue.name} ({len(catalogue):,} rows{', the first rows only' if args.limit else ''}), "
-               f"embedder {embedder_name} ({embedder.input_size} px, {embedder.dim}-d), {threads} torch threads "
-               f"on {os.cpu_count()} CPUs.",
-               f"Pure forward: best of {len(passes.get(batch, [])) + 1} passes over {len(pixels):,} prepared "
-               "images. End to end: "
-               "rows / wall seconds of one reindex() call in this process (Python imports are not in it).",
-               f"Decode + prepare alone, one thread: {1 / decode_seconds:,.0f} images/s "
-               f"({decode_seconds * 1e6:.0f} us per image).",
-               *PIPELINE_NOTES]),
-        table("Where the end-to-end time went", ["part", "seconds", "share of the job"],
-              [["forward (main thread)", job["forward_seconds"], job["forward_seconds"] / job["seconds"]],
-               ["main thread waiting for decode", job["wait_seconds"], job["wait_seconds"] / job["seconds"]],
-               ["main thread, rest of the loop (writer, progress)", other, other / job["seconds"]],
-               ["outside the loop: open + verify catalogue, build embedder, FAISS build + write + publish",
-                outside, outside / job["seconds"]],
-               ["of all the above: main thread runnable, waiting for a CPU (taken by the worker or other processes)",
-                job["main_thread_cpu_wait_seconds"], job["main_thread_cpu_wait_seconds"] / job["seconds"]],
-               ["worker thread: Parquet read (beside the forward)", job["read_seconds"], None],
-               ["worker thread: decode + prepare (beside the forward)", job["decode_seconds"], None]],
-              [f"The forward inside the job ran at {job['images'] / job['forward_seconds']:,.1f} images/s, "
-               f"{job['images'] / job['forward_seconds'] / pure:.3f} x the pure forward (the difference: the worker "
-               "thread and other processes sharing the cores and caches, and kernel set-up for the first and the "
-               "last, partial batch).",
-               "From the index manifest's `build` record (atelier/indexer/mapper.py timings)."]),
-        table("Pure forward by batch size (the batch size is chosen here)", ["batch size", "images/s (best)", "passes"],
-              [[b, sweep[b], ", ".join(f"{r:.0f}" for r in passes[b])] for b in sizes],
-              [f"Each size over the same {len(pixels):,} prepared images after one warm-up batch, {args.rounds} "
-               f"interleaved round(s); {'fastest' if not args.batch_size else '--batch-size'}: {batch}. "
-               f"reindex() and `atelier index` default to {default_batch_size()}."]),
-    ]
+    ratio = m.job["images_per_second"] / m.pure
     return {
         "benchmark": NAME, "command": command_line(), "seconds": time.perf_counter() - began, "machine": host,
-        "catalogue": {"name": catalogue.name, "rows": len(catalogue), "path": str(args.catalogue), "limit": args.limit},
-        "embedder": {"name": embedder_name, "input_size": embedder.input_size, "dim": embedder.dim},
-        "batch_size": batch, "sweep": {str(b): r for b, r in passes.items()},
-        "pure_forward_images_per_second": pure, "end_to_end": job, "naive_images_per_second": naive,
-        "decode_prepare_images_per_second": 1 / decode_seconds,
-        "tables": tables,
-        "goals": [goal(f"reindex end to end / pure forward (batch {batch}, {threads} threads)", ratio, TARGET)],
+        "catalogue": {"name": m.catalogue.name, "rows": len(m.catalogue), "path": str(args.catalogue), "limit": args.limit},
+        "embedder": {"name": m.embedder_name, "input_size": m.embedder.input_size, "dim": m.embedder.dim},
+        "batch_size": m.batch, "sweep": {str(b): r for b, r in m.passes.items()},
+        "pure_forward_images_per_second": m.pure, "end_to_end": m.job, "naive_images_per_second": m.naive,
+        "decode_prepare_images_per_second": 1 / m.decode_seconds,
+        "tables": [throughput_table(m, args, threads), time_split_table(m.job, m.pure), sweep_table(m, args)],
+        "goals": [goal(f"reindex end to end / pure forward (batch {m.batch}, {threads} threads)", ratio, TARGET)],
     }
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> Measured:
+    """Open the catalogue and the embedder, sweep the batch size, then the three rates at the chosen one."""
+    import torch
+
+    from atelier.indexer.embedders import AUTO, build_embedder, embedder_for_catalogue
+
+    catalogue = open_catalogue(args, tmp)
+    embedder_name = embedder_for_catalogue(catalogue.name) if args.embedder == AUTO else args.embedder
+    embedder = build_embedder(embedder_name, args.input_size)
+    pixels, decode_seconds = prepared_sample(catalogue, embedder, min(args.sample, len(catalogue)))
+    print(f"{catalogue.name}: {len(catalogue)} rows; embedder {embedder.name} {embedder.input_size} px "
+          f"{embedder.dim}-d; {torch.get_num_threads()} torch threads", file=sys.stderr)
+
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    passes = sweep_batch_sizes(embedder, pixels, sizes, args.rounds)
+    sweep = {b: max(r) for b, r in passes.items()}
+    for b, r in sweep.items():
+        print(f"pure forward, batch {b}: {r:.1f} img/s", file=sys.stderr)
+    batch = args.batch_size or max(sweep, key=sweep.get)
+    # once more right before the job, so the limit and the job see the machine in one state
+    pure = max(sweep.get(batch, 0.0), forward_rate(embedder, pixels, batch))
+    job = end_to_end(catalogue, tmp / "index" / "dest", embedder_name, args.input_size, batch, args.threads)
+    print(f"end to end, batch {batch}: {job['images_per_second']:.1f} img/s", file=sys.stderr)
+    naive = naive_rate(catalogue, embedder, min(args.naive, len(catalogue)))
+    print(f"naive loop: {naive:.1f} img/s", file=sys.stderr)
+    return Measured(catalogue, embedder_name, embedder, len(pixels), decode_seconds, sizes, passes, sweep, batch, pure,
+                    job, naive)
+
+
+def sweep_batch_sizes(embedder, pixels, sizes: list[int], rounds: int) -> dict[int, list[float]]:
+    """The pure forward's images/s at each batch size, one pass per size per round: rounds interleaved (the
+    caller keeps each size's best), so a burst of other work on the machine hits every size alike."""
+    passes: dict[int, list[float]] = {b: [] for b in sizes}
+    for _ in range(rounds):
+        for b in sizes:
+            passes[b].append(forward_rate(embedder, pixels, b))
+    return passes
+
+
+# -- the report ---------------------------------------------------------------------------------
+def throughput_table(m: Measured, args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    catalogue, embedder, job, pure = m.catalogue, m.embedder, m.job, m.pure
+    naive_images = min(args.naive, len(catalogue))
+    return table(
+        f"Reindex throughput, batch {m.batch}, {threads} torch threads",
+        ["path", "images", "images/s", "x pure forward"],
+        [["pure forward (decoded beforehand): the limit", m.sample, pure, 1.0],
+         ["end to end: reindex(), Parquet -> published index", job["images"], job["images_per_second"],
+          job["images_per_second"] / pure],
+         ["naive loop: decode + embed one image at a time", naive_images, m.naive, m.naive / pure]],
+        [f"Catalogue {catalogue.name} ({len(catalogue):,} rows{', the first rows only' if args.limit else ''}), "
+         f"embedder {m.embedder_name} ({embedder.input_size} px, {embedder.dim}-d), {threads} torch threads "
+         f"on {os.cpu_count()} CPUs.",
+         f"Pure forward: best of {len(m.passes.get(m.batch, [])) + 1} passes over {m.sample:,} prepared "
+         "images. End to end: "
+         "rows / wall seconds of one reindex() call in this process (Python imports are not in it).",
+         f"Decode + prepare alone, one thread: {1 / m.decode_seconds:,.0f} images/s "
+         f"({m.decode_seconds * 1e6:.0f} us per image).",
+         *PIPELINE_NOTES])
+
+
+def time_split_table(job: dict[str, Any], pure: float) -> dict[str, Any]:
+    """Where the end-to-end job's seconds went, from its manifest's `build` record."""
+    outside = job["seconds"] - job["loop_seconds"]
+    other = job["loop_seconds"] - job["forward_seconds"] - job["wait_seconds"]
+    return table(
+        "Where the end-to-end time went", ["part", "seconds", "share of the job"],
+        [["forward (main thread)", job["forward_seconds"], job["forward_seconds"] / job["seconds"]],
+         ["main thread waiting for decode", job["wait_seconds"], job["wait_seconds"] / job["seconds"]],
+         ["main thread, rest of the loop (writer, progress)", other, other / job["seconds"]],
+         ["outside the loop: open + verify catalogue, build embedder, FAISS build + write + publish",
+          outside, outside / job["seconds"]],
+         ["of all the above: main thread runnable, waiting for a CPU (taken by the worker or other processes)",
+          job["main_thread_cpu_wait_seconds"], job["main_thread_cpu_wait_seconds"] / job["seconds"]],
+         ["worker thread: Parquet read (beside the forward)", job["read_seconds"], None],
+         ["worker thread: decode + prepare (beside the forward)", job["decode_seconds"], None]],
+        [f"The forward inside the job ran at {job['images'] / job['forward_seconds']:,.1f} images/s, "
+         f"{job['images'] / job['forward_seconds'] / pure:.3f} x the pure forward (the difference: the worker "
+         "thread and other processes sharing the cores and caches, and kernel set-up for the first and the "
+         "last, partial batch).",
+         "From the index manifest's `build` record (atelier/indexer/mapper.py timings)."])
+
+
+def sweep_table(m: Measured, args: argparse.Namespace) -> dict[str, Any]:
+    return table(
+        "Pure forward by batch size (the batch size is chosen here)", ["batch size", "images/s (best)", "passes"],
+        [[b, m.sweep[b], ", ".join(f"{r:.0f}" for r in m.passes[b])] for b in m.sizes],
+        [f"Each size over the same {m.sample:,} prepared images after one warm-up batch, {args.rounds} "
+         f"interleaved round(s); {'fastest' if not args.batch_size else '--batch-size'}: {m.batch}. "
+         f"reindex() and `atelier index` default to {default_batch_size()}."])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ request each (max_batch_rows 1, no wait), to show what batching gives. Per level
 gives the requests per batch (the batcher's counters) and the cores the server and the load
 generator kept busy: on a small machine both share the CPUs.
 
-Goals (issue 6): served p50 at c = 1 at most 1.15x the in-process p50; QPS at c = 32 at least
+Goals: served p50 at c = 1 at most 1.15x the in-process p50; QPS at c = 32 at least
 3x QPS at c = 1. This is a benchmark: it reports and never asserts.
 """
 
@@ -48,13 +48,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from benchmarks.common import REPO, command_line, goal, machine, percentile, table, run_and_report
+from atelier.retrieval.stages import ALL as STAGE_ORDER  # the stages in pipeline order
+from benchmarks.common import REPO, command_line, goal, machine, percentile, run_and_report, table
 from benchmarks.soak import Requests, build_small_index, rss_mib
 
 DEFAULT_INDEX = REPO / "runs" / "demo-fpi" / "index"  # the FPI demo: 44,441 products, in-domain embedder
 DEFAULT_MODEL = REPO / "checkpoints" / "mcgan-fpi-apparel"
 QUICK_MODEL = REPO / "checkpoints" / "cgan-fashion-mnist"
-STAGE_ORDER = ("validate", "queue", "generate", "embed", "search", "merge", "encode")
 BATCHED, UNBATCHED = "batched", "unbatched"
 
 
@@ -387,74 +387,98 @@ def serve_and_load(args: argparse.Namespace, index: Path, config: str) -> dict[s
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     began = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.model = args.model.resolve()  # the server process runs from the repository root
-    args.model_name = args.model_name or model_family(args.model)
-    if args.index is None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        index = build_small_index(SimpleNamespace(workdir=args.workdir.resolve(), build_rows=2000, input_size=64))
-    else:
-        index = args.index.resolve()
+    index = set_up(args)
     import torch
 
     torch.set_num_threads(args.threads)  # this process only drives the load; the figure names the server's threads
     host = machine(server_torch_threads=args.threads, client="grpc.aio, one channel, this process")
     configs = [BATCHED] + ([UNBATCHED] if not args.no_unbatched else [])
     runs = {config: serve_and_load(args, index, config) for config in configs}
+    tables = [in_process_table(args, runs, run_notes(args, index, runs)), served_table(args, runs)]
+    return {"benchmark": "serving", "command": command_line(), "machine": host,
+            "seconds": round(time.perf_counter() - began, 1), "tables": tables, "goals": serving_goals(runs[BATCHED]),
+            "settings": {"index": str(index), "model": str(args.model), "model_name": args.model_name,
+                         "threads": args.threads, "seconds": args.seconds, "warmup_seconds": args.warmup_seconds,
+                         "concurrency": args.concurrency, "num_samples": args.num_samples, "top_k": args.top_k,
+                         "timeout": args.timeout, "batch_wait_ms": args.batch_wait_ms,
+                         "max_batch_rows": args.max_batch_rows, "batch_chunk_rows": args.batch_chunk_rows,
+                         "quick": args.quick},
+            "runs": runs, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
 
-    notes = [f"Index {index} ({runs[BATCHED]['server']['index_products']:,} products), model {args.model_name} "
+
+def set_up(args: argparse.Namespace) -> Path:
+    """Settle the model and its served name, and the index to serve (built small without --index); returns the index."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.model = args.model.resolve()  # the server process runs from the repository root
+    args.model_name = args.model_name or model_family(args.model)
+    if args.index is None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return build_small_index(SimpleNamespace(workdir=args.workdir.resolve(), build_rows=2000, input_size=64))
+    return args.index.resolve()
+
+
+# -- the report ------------------------------------------------------------------------------
+def run_notes(args: argparse.Namespace, index: Path, runs: dict[str, dict[str, Any]]) -> list[str]:
+    """What was served, how the server was set up, and each run's batching policy."""
+    server = runs[BATCHED]["server"]
+    notes = [f"Index {index} ({server['index_products']:,} products), model {args.model_name} "
              f"({args.model}), num_samples {args.num_samples}, top_k {args.top_k}, random valid attributes and seeds, "
              "no images returned.",
              f"Server: torch threads {args.threads}, max_queue_per_model "
-             f"{runs[BATCHED]['server']['limits']['max_queue_per_model']}, max_running_per_model "
-             f"{runs[BATCHED]['server']['limits'].get('max_running_per_model')}, "
-             f"{runs[BATCHED]['server']['workers']} gRPC workers; client and server share this machine's "
+             f"{server['limits']['max_queue_per_model']}, max_running_per_model "
+             f"{server['limits'].get('max_running_per_model')}, "
+             f"{server['workers']} gRPC workers; client and server share this machine's "
              f"{os.cpu_count()} CPUs."]
-    notes.append(f"batched: BatchPolicy {runs[BATCHED]['server']['batching']}"
+    notes.append(f"batched: BatchPolicy {server['batching']}"
                  + (f"; unbatched: BatchPolicy {runs[UNBATCHED]['server']['batching']} (max_batch_rows 1: "
                     "every batch is one request; the same worker threads)" if UNBATCHED in runs else ""))
+    return notes
 
-    in_rows = []
+
+def in_process_table(args: argparse.Namespace, runs: dict[str, dict[str, Any]], notes: list[str]) -> dict[str, Any]:
     stage_names: list[str] = []
-    for config, r in runs.items():
+    for r in runs.values():
         stage_names += [s for s in r["server"]["in_process"]["stages_ms"] if s not in stage_names]
+    rows = []
     for config, r in runs.items():
         ip = r["server"]["in_process"]
         lat = ip["latency_ms"]
-        in_rows.append([config, lat["calls"], ip["calls_per_second"], lat["mean"], lat["p50"], lat["p95"], lat["p99"],
-                        *(ip["stages_ms"].get(s) for s in stage_names)])
+        rows.append([config, lat["calls"], ip["calls_per_second"], lat["mean"], lat["p50"], lat["p95"], lat["p99"],
+                     *(ip["stages_ms"].get(s) for s in stage_names)])
+    return table(f"In process: generate_and_retrieve back to back in the server process ({args.seconds:g} s, "
+                 f"after {args.warmup_seconds:g} s warm-up)",
+                 ["config", "calls", "calls/s", "mean ms", "p50 ms", "p95 ms", "p99 ms", *(f"{s} ms" for s in stage_names)],
+                 rows, notes)
+
+
+def served_table(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     served_stages: list[str] = []
     for r in runs.values():
         for level in r["levels"]:
             served_stages += [s for s in level["server_stages_ms"] if s not in served_stages]
-    served_rows = []
+    rows = []
     for config, r in runs.items():
         for level in r["levels"]:
             lat = level["latency_ms"]
             errors = sum(level["errors_by_code"].values())
-            served_rows.append([config, level["concurrency"], level["ok"], errors, level["qps"], lat["p50"], lat["p95"],
-                                lat["p99"], *(level["server_stages_ms"].get(s) for s in served_stages),
-                                level["requests_per_batch"], level["cpu_cores_busy"]["server"],
-                                level["cpu_cores_busy"]["client"], level["max_in_flight"],
-                                level["load_average"]["after"][0]])
+            rows.append([config, level["concurrency"], level["ok"], errors, level["qps"], lat["p50"], lat["p95"],
+                         lat["p99"], *(level["server_stages_ms"].get(s) for s in served_stages),
+                         level["requests_per_batch"], level["cpu_cores_busy"]["server"],
+                         level["cpu_cores_busy"]["client"], level["max_in_flight"],
+                         level["load_average"]["after"][0]])
+    return table(f"Served: grpc.aio load generator, {args.seconds:g} s per level after {args.warmup_seconds:g} s warm-up "
+                 f"(stage columns: the server's own mean ms per OK call)",
+                 ["config", "concurrency", "OK", "errors", "QPS", "p50 ms", "p95 ms", "p99 ms",
+                  *(f"{s} ms" for s in served_stages), "requests / batch", "server cores busy", "client cores busy",
+                  "max in flight", "load avg (1 min)"],
+                 rows,
+                 [f"{config} c={level['concurrency']}: errors by code {level['errors_by_code']}"
+                  for config, r in runs.items() for level in r["levels"] if level["errors_by_code"]])
 
-    tables = [
-        table(f"In process: generate_and_retrieve back to back in the server process ({args.seconds:g} s, "
-              f"after {args.warmup_seconds:g} s warm-up)",
-              ["config", "calls", "calls/s", "mean ms", "p50 ms", "p95 ms", "p99 ms", *(f"{s} ms" for s in stage_names)],
-              in_rows, notes),
-        table(f"Served: grpc.aio load generator, {args.seconds:g} s per level after {args.warmup_seconds:g} s warm-up "
-              f"(stage columns: the server's own mean ms per OK call)",
-              ["config", "concurrency", "OK", "errors", "QPS", "p50 ms", "p95 ms", "p99 ms",
-               *(f"{s} ms" for s in served_stages), "requests / batch", "server cores busy", "client cores busy",
-               "max in flight", "load avg (1 min)"],
-              served_rows,
-              [f"{config} c={level['concurrency']}: errors by code {level['errors_by_code']}"
-               for config, r in runs.items() for level in r["levels"] if level["errors_by_code"]]),
-    ]
 
+def serving_goals(main_run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Server overhead at the lowest concurrency, and throughput scaling up to 32 (or the highest level)."""
     goals = []
-    main_run = runs[BATCHED]
     base_p50 = main_run["server"]["in_process"]["latency_ms"]["p50"]
     by_c = {level["concurrency"]: level for level in main_run["levels"]}
     lowest = min(by_c)
@@ -465,16 +489,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if highest != lowest and by_c[lowest]["qps"] and by_c[highest]["qps"] is not None:
         goals.append(goal(f"throughput scaling: QPS at concurrency {highest} / QPS at concurrency {lowest}",
                           by_c[highest]["qps"] / by_c[lowest]["qps"], 3.0))
-
-    return {"benchmark": "serving", "command": command_line(), "machine": host,
-            "seconds": round(time.perf_counter() - began, 1), "tables": tables, "goals": goals,
-            "settings": {"index": str(index), "model": str(args.model), "model_name": args.model_name,
-                         "threads": args.threads, "seconds": args.seconds, "warmup_seconds": args.warmup_seconds,
-                         "concurrency": args.concurrency, "num_samples": args.num_samples, "top_k": args.top_k,
-                         "timeout": args.timeout, "batch_wait_ms": args.batch_wait_ms,
-                         "max_batch_rows": args.max_batch_rows, "batch_chunk_rows": args.batch_chunk_rows,
-                         "quick": args.quick},
-            "runs": runs, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+    return goals
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,6 +217,17 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return round(sorted_values[position], 1)
 
 
+@dataclasses.dataclass
+class Outcome:
+    """What the load left behind: every call, the unexpected ones, the server's RSS over time."""
+    # (end time, latency ms, kind, code) of every call
+    records: list[tuple[float, float, str, str]] = dataclasses.field(default_factory=list)
+    unexpected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rss_samples: list[tuple[float, float | None]] = dataclasses.field(default_factory=list)
+    marks: dict[str, float | None] = dataclasses.field(default_factory=dict)  # RSS at start, after the warm-up, at the end
+    elapsed: float = 0.0
+
+
 def soak(args: argparse.Namespace, target: str, server_pid: int | None) -> dict[str, Any]:
     import grpc
 
@@ -229,15 +240,24 @@ def soak(args: argparse.Namespace, target: str, server_pid: int | None) -> dict[
     stub = pb_grpc.AtelierStub(channel)
     schema = stub.GetSchema(pb.GetSchemaRequest(), timeout=60)
     requests = Requests(schema, args)
+    outcome = drive_load(args, stub, requests, server_pid, duration, warmup)
+    channel.close()
+    return summarise(outcome, args, warmup, requests, schema)
+
+
+def drive_load(args: argparse.Namespace, stub, requests: Requests, server_pid: int | None, duration: float,
+               warmup: float) -> Outcome:
+    """--concurrency client threads calling back to back for `duration` seconds, and one thread sampling
+    the server's RSS every --rss-every seconds (and right at the end of the warm-up)."""
+    import grpc
+
+    from atelier.server.wire import pb
 
     lock = threading.Lock()
-    records: list[tuple[float, float, str, str]] = []  # (end time, latency ms, kind, code)
-    unexpected: list[dict[str, Any]] = []
-    rss_samples: list[tuple[float, float | None]] = []
+    outcome = Outcome()
     start = time.monotonic()
     stop_at = start + duration
-    rss_start = rss_mib(server_pid)
-    marks: dict[str, float | None] = {"start": rss_start}
+    outcome.marks["start"] = rss_mib(server_pid)
 
     def worker(index: int) -> None:
         rng = random.Random(args.seed * 1000 + index)
@@ -255,16 +275,18 @@ def soak(args: argparse.Namespace, target: str, server_pid: int | None) -> dict[
             expected = ("OK",) if kind == "valid" else ("INVALID_ARGUMENT",)
             shed = code == "RESOURCE_EXHAUSTED" and kind == "valid" and args.max_queue is not None
             with lock:
-                records.append((ended - start, (ended - began) * 1000, kind, code))
-                if code not in expected and not shed and len(unexpected) < 1000:
-                    unexpected.append({"t": round(ended - start, 2), "kind": kind, "code": code, "message": message[:300]})
+                outcome.records.append((ended - start, (ended - began) * 1000, kind, code))
+                if code not in expected and not shed and len(outcome.unexpected) < 1000:
+                    outcome.unexpected.append({"t": round(ended - start, 2), "kind": kind, "code": code,
+                                               "message": message[:300]})
 
     def sampler() -> None:
+        marks, samples = outcome.marks, outcome.rss_samples
         while True:
             now = time.monotonic()
-            rss_samples.append((round(now - start, 1), rss_mib(server_pid)))
+            samples.append((round(now - start, 1), rss_mib(server_pid)))
             if "after_warmup" not in marks and now - start >= warmup:
-                marks["after_warmup"] = rss_samples[-1][1]
+                marks["after_warmup"] = samples[-1][1]
             if now >= stop_at:
                 return
             next_mark = start + warmup if "after_warmup" not in marks else stop_at
@@ -278,10 +300,14 @@ def soak(args: argparse.Namespace, target: str, server_pid: int | None) -> dict[
     for t in threads:
         t.join()
     rss_thread.join()
-    marks["end"] = rss_mib(server_pid)
-    elapsed = time.monotonic() - start
-    channel.close()
+    outcome.marks["end"] = rss_mib(server_pid)
+    outcome.elapsed = time.monotonic() - start
+    return outcome
 
+
+def summarise(outcome: Outcome, args: argparse.Namespace, warmup: float, requests: Requests, schema) -> dict[str, Any]:
+    """The soak's report: counts over the whole run, latency and QPS after the warm-up, the RSS marks."""
+    records, marks, elapsed = outcome.records, outcome.marks, outcome.elapsed
     codes = Counter(code for _, _, _, code in records)
     by_kind = Counter(kind for _, _, kind, _ in records)
     measured = [r for r in records if r[0] >= warmup]
@@ -299,7 +325,7 @@ def soak(args: argparse.Namespace, target: str, server_pid: int | None) -> dict[
                                                     if kind == "valid" and code != "OK").items())),
         "invalid_answered_invalid_argument": sum(1 for _, _, kind, code in records
                                                  if kind != "valid" and code == "INVALID_ARGUMENT"),
-        "unexpected": len(unexpected), "unexpected_first": unexpected[:20],
+        "unexpected": len(outcome.unexpected), "unexpected_first": outcome.unexpected[:20],
         "after_warmup": {
             "ok_valid_requests": len(ok_latencies),
             "qps_ok": round(len(ok_latencies) / window, 2),
@@ -308,7 +334,7 @@ def soak(args: argparse.Namespace, target: str, server_pid: int | None) -> dict[
                            "p99": percentile(ok_latencies, 99), "max": round(ok_latencies[-1], 1) if ok_latencies else None},
         },
         "server_rss_mib": {"start": marks["start"], "after_warmup": marks.get("after_warmup"), "end": marks["end"],
-                           "growth_after_warmup": growth, "samples": rss_samples},
+                           "growth_after_warmup": growth, "samples": outcome.rss_samples},
         "schema": {"groups": [g for g, _ in requests.groups], "default_model": schema.default_model,
                    "index_version": schema.index.version, "index_products": schema.index.count},
     }

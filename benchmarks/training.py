@@ -15,7 +15,7 @@ Per model, at the same batch size and torch threads:
            turns, one step each, so both see the machine in the same state.
 images/s leaves out the first --warmup steps of each loop (allocator and kernel warm-up). The real
 figure is per epoch: its steady step rate, plus the grid + checkpoint it writes once per epoch,
-amortised over one epoch of the whole training split. Goal (issue 6): overhead = 1 - real /
+amortised over one epoch of the whole training split. Goal: overhead = 1 - real /
 minimal under 10% per model. Loading the catalogue into memory (once per run) is reported apart.
 
 Catalogues: runs/data/fmnist (Fashion-MNIST: cgan, cvae), runs/data/fpi-apparel-64 (Fashion
@@ -43,7 +43,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/training.py` as well as `python -m benchmarks.training`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, command_line, goal, machine, table, run_and_report  # noqa: E402
+from benchmarks.common import REPO, command_line, goal, machine, run_and_report, table  # noqa: E402
 
 NAME = "training"
 TARGET = 0.10
@@ -184,7 +184,7 @@ class StepClock:
         self.minimal_seconds: list[float] = []
         self.minimal_sizes: list[int] = []
 
-    def __enter__(self) -> "StepClock":
+    def __enter__(self) -> StepClock:
         clock, original, minimal = self, self.original, self.minimal
 
         def timed_step(trainer, real, condition):

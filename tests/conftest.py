@@ -55,7 +55,7 @@ def idx_dir() -> Path:
 def mobilenet_weights() -> Path:
     import torch
 
-    from atelier.indexer.embedders import MOBILENET_V2_FILE, WeightsUnavailable, install_mobilenet_v2_weights
+    from atelier.indexer.backbone import MOBILENET_V2_FILE, WeightsUnavailable, install_mobilenet_v2_weights
 
     target = Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_V2_FILE
     if not target.is_file():
@@ -134,6 +134,25 @@ def client(server):
     with AtelierClient(server.target, timeout=60) as c:
         c.wait_ready()
         yield c
+
+
+def publish_vectors(dest: Path, vectors: np.ndarray, products: pa.Table, embedder: dict, schema, catalogue: dict,
+                    options=None) -> Path:
+    """An index over ready vectors (row i = products row i) published at `dest` the way the reindex
+    job publishes one: its staging folder, its one index choice, its writer, runner.publish_index
+    (only the reader and mapper are left out). Returns the version folder."""
+    from atelier import artifacts
+    from atelier.indexer.index_choice import IndexOptions, choose_index
+    from atelier.indexer.mapper import Embedded
+    from atelier.indexer.runner import publish_index
+    from atelier.indexer.writer import IndexWriter
+
+    options = options or IndexOptions()
+    with artifacts.staging(dest) as stage:
+        choice = choose_index(len(vectors), vectors.shape[1], options)
+        writer = IndexWriter(stage, schema, embedder, catalogue, choice, options)
+        writer.write(Embedded(products, vectors, []))
+        return publish_index(writer, dest)
 
 
 def random_unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -11,7 +11,12 @@ from atelier.catalog.catalogue import Catalogue
 from atelier.catalog.schema import AttributeGroup, AttributeSchema
 from atelier.cli import main
 from atelier.indexer.attribute_net import (
-    AttributeTrainConfig, accuracy, load_attribute_net, loss_of, targets, train_attribute_net,
+    AttributeTrainConfig,
+    accuracy,
+    load_attribute_net,
+    loss_of,
+    targets,
+    train_attribute_net,
 )
 from atelier.indexer.embedders import build_embedder, embedder_of_index
 from atelier.indexer.index_directory import IndexDirectory

@@ -10,6 +10,7 @@ import pytest
 from atelier.catalog.images import encode_png
 from atelier.retrieval.batching import BatchPolicy
 from atelier.retrieval.service import LoadedModel, RetrievalRequest, RetrievalService
+from atelier.retrieval.stages import QUEUE
 from atelier.server.app import start_server
 from atelier.server.client import AtelierClient
 
@@ -70,7 +71,7 @@ def test_concurrent_requests_share_one_batch_and_each_gets_what_it_gets_alone(se
     assert (svc.batchers["cgan"].batches, svc.batchers["cgan"].batched_requests) == (1, len(REQUESTS))
     for a, t in zip(alone, together):
         same(a, t)
-    assert all(t.timings_ms["queue"] >= 0 for t in together)
+    assert all(t.timings_ms[QUEUE] >= 0 for t in together)
 
 
 def test_batches_split_at_max_batch_rows_and_results_do_not_change(service):

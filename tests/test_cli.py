@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-
 ATELIER = [sys.executable, "-m", "atelier.cli"]
 
 

@@ -10,13 +10,26 @@ import torch.nn.functional as F
 
 from atelier.catalog.fashion_mnist import SCHEMA
 from atelier.generator import load_generator
+from atelier.generator.conditioning import ConditioningAugmentation, kl_to_standard_normal, mismatched, reparameterise
 from atelier.generator.cpggan import (
-    CDPGGAN, CPGGAN, CDPGGANConfig, CPGGANConfig, CPGGANTrainer, batch_size_for,
-    consistency_distance, drift_penalty, fade, gradient_penalty, lse_discriminator_loss,
-    lse_generator_loss, phase_at, real_at, share_field, wgan_generator_loss,
+    CDPGGAN,
+    CPGGAN,
+    CDPGGANConfig,
+    CPGGANConfig,
+    CPGGANTrainer,
+    batch_size_for,
+    consistency_distance,
+    drift_penalty,
+    fade,
+    gradient_penalty,
+    lse_discriminator_loss,
+    lse_generator_loss,
+    phase_at,
+    real_at,
+    share_field,
+    wgan_generator_loss,
     wgan_mismatch_discriminator_loss,
 )
-from atelier.generator.conditioning import ConditioningAugmentation, kl_to_standard_normal, mismatched, reparameterise
 from atelier.generator.train import TrainConfig, train
 from atelier.retrieval.service import RetrievalService
 from atelier.server.app import start_server

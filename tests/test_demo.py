@@ -11,9 +11,11 @@ ROWS = [
 
 
 def test_attribute_precision_per_group_and_all():
-    assert attribute_precision(ROWS) == {"type": 0.75, "colour": 0.75, "all": 0.5}
+    assert attribute_precision(ROWS, 2) == {"type": 0.75, "colour": 0.75, "all": 0.5}
     single = [{"asked": {"category": "Bag"}, "products": [{"category": "Bag"}, {"category": "Coat"}]}]
-    assert attribute_precision(single) == {"category": 0.5}
+    assert attribute_precision(single, 2) == {"category": 0.5}
+    assert attribute_precision(single, 1) == {"category": 1.0}  # the first k only
+    assert attribute_precision(single, 4) == {"category": 0.25}  # fewer than k returned: misses
 
 
 def test_table_capitalises_what_differs():

@@ -17,7 +17,7 @@ from atelier.catalog.fashion_mnist import CLASS_NAMES, DatasetUnavailable, impor
 
 
 def test_import_equals_the_shared_parquet_copy(tmp_path, idx_dir, shared_data):
-    catalogue = import_fashion_mnist(tmp_path / "fm", idx_dir)
+    catalogue = import_fashion_mnist(idx_dir, tmp_path / "fm")
     assert len(catalogue) == 70_000
     ours = catalogue.read(["id", "split", "category", "image"])
     for split, expected_rows in (("train", 60_000), ("test", 10_000)):

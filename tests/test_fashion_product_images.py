@@ -18,8 +18,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from atelier.catalog.fashion_product_images import (
-    PRESETS, STYLES_HEADER, AttributeSelection, GroupSelection, Source, import_fashion_product_images,
-    read_styles_csv, select_attributes, split_of, square_png,
+    PRESETS,
+    STYLES_HEADER,
+    AttributeSelection,
+    GroupSelection,
+    Source,
+    import_fashion_product_images,
+    read_styles_csv,
+    select_attributes,
+    split_of,
+    square_png,
 )
 from atelier.catalog.images import decode_image, to_square
 

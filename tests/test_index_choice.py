@@ -7,14 +7,21 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import publish_vectors
 
 from atelier import artifacts
 from atelier.catalog.fashion_mnist import SCHEMA
 from atelier.indexer.index_choice import (
-    DIRECT_MAP_BYTES, IndexBudgetError, IndexOptions, candidates, choose_index, exact_neighbours, parse_bytes,
+    DIRECT_MAP_BYTES,
+    IndexBudgetError,
+    IndexOptions,
+    candidates,
+    choose_index,
+    exact_neighbours,
+    parse_bytes,
     recall_at_k,
 )
-from atelier.indexer.index_directory import INDEX_FILE, IndexDirectory, write_index_directory
+from atelier.indexer.index_directory import INDEX_FILE, IndexDirectory
 
 DIM = 64
 EMBEDDER = {"name": "test", "input_size": 32, "dim": DIM, "weights_sha256": "0" * 64}
@@ -30,8 +37,7 @@ def clustered(n: int, d: int = DIM, centres: int = 200, spread: float = 0.5, see
 
 def publish(dest, vectors, options):
     products = pa.table({"id": [f"p{i:06d}" for i in range(len(vectors))], "category": ["Dress"] * len(vectors)})
-    return write_index_directory(dest, vectors, products, EMBEDDER, SCHEMA, {"name": "t", "fingerprint": "f"},
-                                 options=options)
+    return publish_vectors(dest, vectors, products, EMBEDDER, SCHEMA, {"name": "t", "fingerprint": "f"}, options)
 
 
 def resident_bytes(folder, index: IndexDirectory) -> int:
@@ -100,6 +106,33 @@ def test_a_small_catalogue_gets_the_exact_index_and_recall_one(tmp_path):
 @pytest.mark.parametrize("text, expected", [("800MB", 800_000_000), ("2GiB", 2 << 30), ("1.5kb", 1500), ("123", 123)])
 def test_sizes_parse(text, expected):
     assert parse_bytes(text) == expected
+
+
+def test_the_job_chooses_once_before_embedding_and_builds_that_choice(tmp_path, small_catalogue, mobilenet_weights,
+                                                                     monkeypatch):
+    from atelier.indexer import index_choice, runner
+    from atelier.indexer.mapper import EmbeddingMapper
+
+    events, real_choose, real_map = [], runner.choose_index, EmbeddingMapper.map
+
+    def choose(*args, **kwargs):
+        events.append("choose")
+        return real_choose(*args, **kwargs)
+
+    def embed(self, batches):
+        events.append("embed")
+        yield from real_map(self, batches)
+
+    monkeypatch.setattr(runner, "choose_index", choose)
+    monkeypatch.setattr(index_choice, "choose_index", lambda *a, **k: pytest.fail("the index was chosen again"))
+    monkeypatch.setattr(EmbeddingMapper, "map", embed)
+    options = IndexOptions(exact_below=100, recall_queries=50)  # 456 images: over exact_below, so HNSW
+    runner.reindex(small_catalogue, tmp_path / "index", input_size=32, progress=False, index_options=options)
+    assert events == ["choose", "embed"]
+    manifest = IndexDirectory.open(tmp_path / "index").manifest
+    assert manifest["index_type"] == manifest["index_choice"]["factory"] == "HNSW32,Flat"
+    assert {"seconds", "images_per_second", "batch_size", "torch_threads", "forward_seconds"} <= manifest["build"].keys()
+    assert (manifest["skipped"], manifest["skipped_count"], manifest["images"]) == ([], 0, 456)
 
 
 def test_an_impossible_budget_fails_before_embedding_and_keeps_the_old_index(tmp_path, small_catalogue, small_index):

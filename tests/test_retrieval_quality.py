@@ -2,7 +2,8 @@
 
 Real pieces only: the shared Fashion-MNIST index (FAISS, mobilenet_v2 vectors), the real
 RetrievalService with the tiny generator; two derived indexes reuse that index's own vectors
-(one with a split column, one relabelled half and half) through `write_index_directory`.
+(one with a split column, one relabelled half and half), published the reindex job's way
+(`conftest.publish_vectors`).
 """
 
 import base64
@@ -25,17 +26,17 @@ from atelier.evaluation.retrieval_quality import (
     evaluate_retrieval,
     generated_queries,
     metadata_filter,
-    precision_at_k,
     query_by_real_image,
     random_products,
 )
-from atelier.indexer.index_directory import IndexDirectory, write_index_directory
+from atelier.indexer.index_directory import IndexDirectory
+from tests.conftest import publish_vectors
 
 
 def _derived_index(base: IndexDirectory, dest, products: pa.Table) -> IndexDirectory:
     """The base index's own vectors under another product table (same rows, same order)."""
     vectors = base.vectors(np.arange(len(base)))
-    write_index_directory(dest, vectors, products, base.embedder, base.schema, base.manifest["catalogue"])
+    publish_vectors(dest, vectors, products, base.embedder, base.schema, base.manifest["catalogue"])
     return IndexDirectory.open(dest)
 
 
@@ -66,36 +67,6 @@ def half_index(tmp_path_factory, index):
 
 
 # -- precision@k by hand ----------------------------------------------------------------------
-def test_precision_per_group_and_for_all_groups():
-    retrieved = [
-        [{"category": "Coat", "colour": "Red"}, {"category": "Coat", "colour": "Blue"}, {"category": "Bag", "colour": "Red"}],
-        [{"category": "Bag", "colour": "Red"}],  # one result: below it, misses
-    ]
-    asked = [{"category": "Coat", "colour": "Red"}, {"category": "Bag", "colour": "Blue"}]
-    p = precision_at_k(retrieved, asked, ["category", "colour"], ks=(1, 2, 3))
-    assert p["category"] == pytest.approx({1: 1.0, 2: (2 / 2 + 1 / 2) / 2, 3: (2 / 3 + 1 / 3) / 2})
-    assert p["colour"] == pytest.approx({1: 0.5, 2: (1 / 2 + 0) / 2, 3: (2 / 3 + 0) / 2})
-    assert p["all"] == pytest.approx({1: 0.5, 2: 0.25, 3: (1 / 3) / 2})
-
-
-def test_precision_counts_missing_results_as_misses():
-    p = precision_at_k([[{"category": "Coat"}, {"category": "Coat"}]], [{"category": "Coat"}], ["category"], ks=(1, 2, 10))
-    assert p["category"] == {1: 1.0, 2: 1.0, 10: 0.2}
-    assert precision_at_k([[]], [{"category": "Coat"}], ["category"], ks=(5,))["all"] == {5: 0.0}
-
-
-def test_precision_of_multi_label_groups_and_unasked_groups():
-    products = [{"texture": ["floral", "striped"], "category": "Dress"}, {"texture": [], "category": "Dress"},
-                {"texture": ["floral"], "category": "Shirt"}, {"texture": None}]
-    one = precision_at_k([products], [{"texture": "floral"}], ["category", "texture"], ks=(1, 4))
-    assert one["texture"] == {1: 1.0, 4: 0.5}
-    assert one["all"] == {1: 1.0, 4: 0.5}  # "all" covers the groups the query asks
-    assert one["category"] == {1: None, 4: None}  # no query asks it
-    both = precision_at_k([products], [{"texture": ["floral", "striped"], "category": "Dress"}], ["category", "texture"],
-                          ks=(4,))
-    assert both["texture"] == {4: 0.25} and both["category"] == {4: 0.5} and both["all"] == {4: 0.25}
-    with pytest.raises(ValueError, match="2 result lists for 1 conditions"):
-        precision_at_k([products, products], [{"texture": "floral"}], ["texture"])
 
 
 # -- the baselines on a real index ------------------------------------------------------------

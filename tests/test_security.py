@@ -58,7 +58,7 @@ def _write_cert(cert, path: Path) -> Path:
 
 
 def _certificate(subject: str, key, issuer_name, issuer_key, *, ca: bool = False, sans=(), usage=None):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))

@@ -15,15 +15,10 @@ from atelier.catalog.fashion_product_images import APPAREL_6X6_COLOURS, APPAREL_
 from atelier.catalog.images import decode_image
 from atelier.catalog.schema import AttributeGroup, AttributeSchema
 from atelier.generator import load_generator
+from atelier.generator.conditioning import kl_to_standard_normal as ca_kl
+from atelier.generator.conditioning import mismatched
 from atelier.generator.mcgan import MCGANConfig
-from atelier.generator.stage2 import (
-    Stage2,
-    Stage2Config,
-    Stage2Trainer,
-    discriminator_loss,
-    generator_loss,
-)
-from atelier.generator.conditioning import kl_to_standard_normal as ca_kl, mismatched
+from atelier.generator.stage2 import Stage2, Stage2Config, Stage2Trainer, discriminator_loss, generator_loss
 from atelier.generator.train import TrainConfig, grid_conditions, prepare_data, sample_grid, train
 
 STAGE1 = {"g_width": 4, "d_width": 8, "embed_dim": 8, "latent_dim": 16}

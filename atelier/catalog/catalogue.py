@@ -9,9 +9,10 @@ sha256 of each Parquet file; the catalogue's fingerprint is derived from those h
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +42,7 @@ def write_catalogue(
     batches: Iterable[pa.RecordBatch | pa.Table],
     image_channels: int,
     source: dict[str, Any] | None = None,
-) -> "Catalogue":
+) -> Catalogue:
     """Write record batches (columns as `arrow_schema`) and publish the catalogue atomically."""
     target = arrow_schema(schema)
     with artifacts.staging(dest) as stage:
@@ -83,7 +84,7 @@ class Catalogue:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, path: Path, verify: bool = False) -> "Catalogue":
+    def open(cls, path: Path, verify: bool = False) -> Catalogue:
         folder = artifacts.resolve(path)
         return cls(folder, artifacts.read_manifest(folder, KIND, verify=verify))
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,7 @@ import pyarrow as pa
 from atelier.catalog.catalogue import Catalogue, arrow_schema, write_catalogue
 from atelier.catalog.grabcut import crop_centre_resize, segment_garment
 from atelier.catalog.images import ImageDecodeError, decode_image, encode_png
+from atelier.catalog.importers import IMPORTERS
 from atelier.catalog.schema import AttributeGroup, AttributeSchema
 from atelier.progress import progress_bar
 
@@ -447,8 +448,9 @@ def prepare_image(
     return crop_centre_resize(image_rgb, mask, size)
 
 
+@IMPORTERS.register("deepfashion")
 def import_deepfashion(
-    root: Path,
+    source: Path | None,
     dest: Path,
     size: int = 64,
     limit: int | None = None,
@@ -466,7 +468,9 @@ def import_deepfashion(
     `source.skipped_images`. The vocabulary (`build_schema`) is counted over the images whose
     file exists.
     """
-    root = Path(root)
+    if source is None:
+        raise ValueError("a source folder is needed: the DeepFashion benchmark folder holding Anno/, Eval/ and img/")
+    root = Path(source)
     annotations = load_annotations(root)
     names = annotations.image_names[:limit] if limit is not None else annotations.image_names
     present = [n for n in names if (root / n).is_file()]

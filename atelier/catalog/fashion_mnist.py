@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from atelier.catalog.catalogue import Catalogue, write_catalogue
 from atelier.catalog.images import encode_png
+from atelier.catalog.importers import IMPORTERS
 from atelier.catalog.schema import AttributeGroup, AttributeSchema
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -120,8 +121,11 @@ def load_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def import_fashion_mnist(dest: Path, source: Path | None = None) -> Catalogue:
-    """IDX files -> catalogue with attribute `category`; ids `train_00000`..., `test_00000`..."""
+@IMPORTERS.register("fashion-mnist")
+def import_fashion_mnist(source: Path | None, dest: Path) -> Catalogue:
+    """IDX files -> catalogue with attribute `category`; ids `train_00000`..., `test_00000`...
+
+    `source`: a folder with the IDX files; None: Debian's package, else the official mirror."""
     folder = locate(source)
 
     def batches():

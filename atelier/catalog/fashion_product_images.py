@@ -43,17 +43,19 @@ import dataclasses
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from atelier.catalog.catalogue import Catalogue, write_catalogue
 from atelier.catalog.images import ImageDecodeError, decode_image, encode_png, to_square
+from atelier.catalog.importers import IMPORTERS
 from atelier.catalog.schema import AttributeGroup, AttributeSchema
 from atelier.progress import progress_bar
 
@@ -327,7 +329,7 @@ class Source:
     files: list[Path] = field(default_factory=list)  # the Parquet part files
 
     @classmethod
-    def open(cls, path: Path) -> "Source":
+    def open(cls, path: Path) -> Source:
         path = Path(path)
         if (path / "styles.csv").is_file():
             return cls._open_styles(path)
@@ -340,7 +342,7 @@ class Source:
         )
 
     @classmethod
-    def _open_parquet(cls, path: Path, files: list[Path]) -> "Source":
+    def _open_parquet(cls, path: Path, files: list[Path]) -> Source:
         tables = []
         for f in files:
             names = pq.ParquetFile(f).schema_arrow.names
@@ -354,7 +356,7 @@ class Source:
         return cls("parquet", path, pa.concat_tables(tables, promote_options="default"), files=files)
 
     @classmethod
-    def _open_styles(cls, path: Path) -> "Source":
+    def _open_styles(cls, path: Path) -> Source:
         images = path / "images"
         if not images.is_dir():
             raise ValueError(f"{path} has styles.csv but no images/ folder; expected images/<id>.jpg beside styles.csv")
@@ -408,8 +410,9 @@ def _square_pngs(items: list[bytes], size: int) -> list[bytes | None]:
 
 
 # -- the import -----------------------------------------------------------------------------------
+@IMPORTERS.register("fashion-product-images")
 def import_fashion_product_images(
-    source: Path,
+    source: Path | None,
     dest: Path,
     selection: str | AttributeSelection = "apparel-6x6",
     size: int = 64,
@@ -425,6 +428,8 @@ def import_fashion_product_images(
     Images are decoded by `workers` threads (OpenCV releases the GIL), a batch at a time, and
     written as they come, so memory stays bounded. The manifest's `source` counts every skip.
     """
+    if source is None:
+        raise ValueError("a source folder is needed: the Parquet copy, or Kaggle's folder with styles.csv + images/")
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
     if limit is not None and limit < 1:
@@ -433,11 +438,7 @@ def import_fashion_product_images(
     src = Source.open(source)
     selected = select_attributes(src.attributes, selection)
     table = selected.table if limit is None else selected.table.slice(0, limit)
-    rows = {product_id: i for i, product_id in enumerate(table.column("id").to_pylist())}
-    group_names = selected.schema.names
-    columns = {name: table.column(name).to_pylist() for name in ["split", *group_names]}
-    missing_images = list(src.missing_images)
-    undecodable: list[str] = []
+    decoder = _SquareDecoder(src, table, ["split", *selected.schema.names], size, workers, batch_size)
     info: dict[str, Any] = {
         "dataset": "Fashion Product Images (Small), Kaggle paramaggarwal/fashion-product-images-small",
         "layout": src.layout, "path": str(Path(source).resolve()), "selection": selection.to_dict(),
@@ -446,49 +447,65 @@ def import_fashion_product_images(
         "images_without_row": src.images_without_row, "selection_report": selected.report,
     }
 
-    def finish(ids: list[str], parts: list[Future]) -> pa.RecordBatch | None:
-        pngs = [png for part in parts for png in part.result()]
-        kept = []
-        for product_id, png in zip(ids, pngs):
-            if png is None:
-                undecodable.append(product_id)
-            else:
-                kept.append((rows[product_id], product_id, png))
-        if not kept:
-            return None
-        return pa.record_batch({
-            "id": pa.array([k[1] for k in kept], pa.string()),
-            **{c: pa.array([columns[c][k[0]] for k in kept], pa.string()) for c in columns},
-            "image": pa.array([k[2] for k in kept], pa.binary()),
-        })
-
     def batches() -> Iterator[pa.RecordBatch]:
-        stream = src.image_bytes(rows)
-        with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(
-            total=len(rows), desc=f"fashion-product-images {selection.name}", unit="img",
-            disable=not progress, dynamic_ncols=True,
-        ) as bar:
-            pending = None  # one batch decoding while the previous one is written
-            while chunk := list(islice(stream, batch_size)):
-                ids, datas = [], []
-                for product_id, data in chunk:
-                    if data is None:
-                        missing_images.append(product_id)
-                    else:
-                        ids.append(product_id)
-                        datas.append(data)
-                step = -(-len(datas) // (4 * workers)) or 1
-                parts = [pool.submit(_square_pngs, datas[k : k + step], size) for k in range(0, len(datas), step)]
-                if pending is not None and (batch := finish(*pending)) is not None:
-                    yield batch
-                pending = (ids, parts)
-                bar.update(len(chunk))
-            if pending is not None and (batch := finish(*pending)) is not None:
-                yield batch
+        with progress_bar(total=len(decoder.rows), desc=f"fashion-product-images {selection.name}", unit="img",
+                          disable=not progress, dynamic_ncols=True) as bar:
+            yield from decoder.batches(bar)
         # write_catalogue writes the manifest after it has consumed every batch, so these land in it
-        info["missing_images"] = {"count": len(missing_images), "ids": missing_images[:MAX_LISTED_IDS]}
-        info["undecodable_images"] = {"count": len(undecodable), "ids": undecodable[:MAX_LISTED_IDS]}
+        info["missing_images"] = {"count": len(decoder.missing), "ids": decoder.missing[:MAX_LISTED_IDS]}
+        info["undecodable_images"] = {"count": len(decoder.undecodable), "ids": decoder.undecodable[:MAX_LISTED_IDS]}
 
     return write_catalogue(
         dest, f"fashion-product-images-{selection.name}", selected.schema, batches(), image_channels=3, source=info,
     )
+
+
+class _SquareDecoder:
+    """The selected rows' images decoded and squared by a thread pool, as record batches.
+
+    One batch decodes while the previous one is written. Products without an image file go to
+    `missing`, images that do not decode to `undecodable`."""
+
+    def __init__(self, src: Source, table: pa.Table, columns: list[str], size: int, workers: int, batch_size: int):
+        self.src, self.size, self.workers, self.batch_size = src, size, workers, batch_size
+        self.rows = {product_id: i for i, product_id in enumerate(table.column("id").to_pylist())}
+        self.columns = {name: table.column(name).to_pylist() for name in columns}
+        self.missing: list[str] = list(src.missing_images)
+        self.undecodable: list[str] = []
+
+    def batches(self, bar) -> Iterator[pa.RecordBatch]:
+        stream = self.src.image_bytes(self.rows)
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            pending = None
+            while chunk := list(islice(stream, self.batch_size)):
+                ids, datas = [], []
+                for product_id, data in chunk:
+                    if data is None:
+                        self.missing.append(product_id)
+                    else:
+                        ids.append(product_id)
+                        datas.append(data)
+                step = -(-len(datas) // (4 * self.workers)) or 1
+                parts = [pool.submit(_square_pngs, datas[k : k + step], self.size) for k in range(0, len(datas), step)]
+                if pending is not None and (batch := self._finish(*pending)) is not None:
+                    yield batch
+                pending = (ids, parts)
+                bar.update(len(chunk))
+            if pending is not None and (batch := self._finish(*pending)) is not None:
+                yield batch
+
+    def _finish(self, ids: list[str], parts: list[Future]) -> pa.RecordBatch | None:
+        pngs = [png for part in parts for png in part.result()]
+        kept = []
+        for product_id, png in zip(ids, pngs):
+            if png is None:
+                self.undecodable.append(product_id)
+            else:
+                kept.append((self.rows[product_id], product_id, png))
+        if not kept:
+            return None
+        return pa.record_batch({
+            "id": pa.array([k[1] for k in kept], pa.string()),
+            **{c: pa.array([values[k[0]] for k in kept], pa.string()) for c, values in self.columns.items()},
+            "image": pa.array([k[2] for k in kept], pa.binary()),
+        })

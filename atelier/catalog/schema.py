@@ -8,8 +8,9 @@ schema is saved inside every model and index so that the two only combine when t
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -147,10 +148,10 @@ class AttributeSchema:
         return {"groups": [{"name": g.name, "values": list(g.values), "multi_label": g.multi_label} for g in self.groups]}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "AttributeSchema":
+    def from_dict(cls, data: Mapping[str, Any]) -> AttributeSchema:
         return cls(tuple(AttributeGroup(g["name"], tuple(g["values"]), bool(g.get("multi_label", False))) for g in data["groups"]))
 
-    def fits_within(self, other: "AttributeSchema") -> str | None:
+    def fits_within(self, other: AttributeSchema) -> str | None:
         """None when every group here is in `other` with the same kind and a subset of its values.
 
         A model trained on a selection (e.g. six colours) can then serve an index whose catalogue
@@ -167,7 +168,7 @@ class AttributeSchema:
                 return f"attribute {g.name!r} has values {extra} that the other schema lacks"
         return None
 
-    def describe_difference(self, other: "AttributeSchema") -> str | None:
+    def describe_difference(self, other: AttributeSchema) -> str | None:
         """None when equal, else a sentence saying how the two schemas differ."""
         if self == other:
             return None

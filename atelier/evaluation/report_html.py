@@ -14,7 +14,7 @@ what was asked, what was drawn, what was judged and what was retrieved (hit or m
 Images may be PNG bytes or uint8 arrays (H, W, C) (encoded here); they are inlined as base64
 data URIs, so the file needs nothing beside it. All text is escaped. Marks: an asked attribute
 of a retrieved product (or of the judged attributes) is "hit" when it matches the asked value
-(`retrieval_quality.has_value`) and "miss" otherwise; a product is a hit when all of them are.
+(`atelier.retrieval.precision.has_value`) and "miss" otherwise; a product is a hit when all of them are.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from atelier.catalog.images import encode_png
-from atelier.evaluation.retrieval_quality import has_value
+from atelier.retrieval.precision import has_value
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }

@@ -12,13 +12,8 @@ and for "all" asked groups at once, averaged over the queries. Four methods, sam
     metadata filter      products whose metadata equals the asked attributes, k of them in
                          random order: the ceiling (1.0 wherever k such products exist)
 
-Matching. A single-label product value is a hit when it equals the asked value (exact spelling:
-conditions are expected in the schema's canonical spelling, as `combinations_in_index` gives).
-A multi-label product value (a list) is a hit when it holds the asked value, or every asked value
-when a list is asked. A product that lacks the group, or a value of None, is a miss.
-
-Fewer than k results. precision@k always divides by k: a method that returns fewer than k
-products (a small index, a metadata filter with few matches) scores the missing ones as misses.
+Matching and scoring: atelier.retrieval.precision (the demo scores with it too). Conditions are
+expected in the schema's canonical spelling, as `combinations_in_index` gives.
 
 Seeds. A generated query's request seed is `condition_seed(seed, condition)`: a function of the
 condition, not of its position in the list, so one condition re-run alone (say for the HTML
@@ -42,13 +37,13 @@ import numpy as np
 
 from atelier.indexer.index_directory import IndexDirectory
 from atelier.progress import progress_bar
+from atelier.retrieval.precision import has_value, precision_at_k
 from atelier.retrieval.service import RetrievalRequest, RetrievalService
 
 RANDOM = "random products"
 REAL_IMAGE = "query by real image"
 METADATA = "metadata filter"
 BASELINES = (RANDOM, REAL_IMAGE, METADATA)
-ALL = "all"
 
 
 @dataclass
@@ -72,47 +67,6 @@ class Retrieved:
 
     def precision(self, groups: Sequence[str], ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float | None]]:
         return precision_at_k(self.results, self.conditions, groups, ks)
-
-
-# -- scoring ----------------------------------------------------------------------------------
-def has_value(product_value: Any, asked: Any) -> bool:
-    """Whether a product's value of one group matches the asked value (see the module notes)."""
-    wanted = (asked,) if isinstance(asked, str) else tuple(asked)
-    if product_value is None or not wanted:
-        return False
-    if isinstance(product_value, str):  # single-label
-        return len(wanted) == 1 and product_value == wanted[0]
-    held = set(product_value)  # multi-label: a list of values
-    return all(v in held for v in wanted)
-
-
-def precision_at_k(retrieved: Sequence[Sequence[Mapping[str, Any]]], asked: Sequence[Mapping[str, Any]],
-                   groups: Sequence[str], ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float | None]]:
-    """Attribute precision@k per group and for "all", averaged over queries.
-
-    `retrieved[i]` is query i's products in rank order (dicts with a value per group), `asked[i]`
-    its condition. For query i and group g: (products among the first k whose g matches) / k;
-    results missing below k count as misses. "all": a product is a hit when every group of
-    `groups` that the query asks matches. A query that does not ask a group is left out of that
-    group's average; a group no query asks scores None.
-    """
-    if len(retrieved) != len(asked):
-        raise ValueError(f"{len(retrieved)} result lists for {len(asked)} conditions")
-    ks = [int(k) for k in ks]
-    if not ks or min(ks) < 1:
-        raise ValueError(f"every k must be at least 1, got {list(ks)}")
-    names = [*groups, ALL]
-    scores: dict[str, dict[int, list[float]]] = {name: {k: [] for k in ks} for name in names}
-    for products, condition in zip(retrieved, asked):
-        asked_groups = [g for g in groups if g in condition]
-        if not asked_groups:
-            continue
-        hits = {g: [has_value(p.get(g), condition[g]) for p in products] for g in asked_groups}
-        hits[ALL] = [all(hits[g][i] for g in asked_groups) for i in range(len(products))]
-        for name, row in hits.items():
-            for k in ks:
-                scores[name][k].append(sum(row[:k]) / k)
-    return {name: {k: (float(np.mean(v)) if v else None) for k, v in per_k.items()} for name, per_k in scores.items()}
 
 
 # -- the methods ------------------------------------------------------------------------------
@@ -280,26 +234,10 @@ def evaluate_retrieval(service: RetrievalService, models: Sequence[str], conditi
 
     Methods, in order: "random products", "query by real image", "metadata filter", then models.
     """
-    served = service.served
-    index = served.index
+    index = service.served.index
     models = list(models) or [service.default_model]
-    clash = [m for m in models if m in BASELINES]
-    if clash:
-        raise ValueError(f"model name(s) {clash} clash with a baseline's name; name the model otherwise")
-    unknown = [m for m in models if m not in service.models]
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; available: {', '.join(service.models)}")
-    if not conditions:
-        raise ValueError("no conditions to evaluate")
-    ks = sorted({int(k) for k in ks})
+    ks, groups = _check_request(service, index, models, conditions, ks)
     k = ks[-1]
-    if ks[0] < 1 or k > service.limits.max_top_k:
-        raise ValueError(f"ks must lie in 1..{service.limits.max_top_k} (the service's max_top_k), got {ks}")
-    asked = {g for c in conditions for g in c}
-    groups = [g for g in index.schema.names if g in asked]
-    strange = sorted(asked - set(groups))
-    if strange:
-        raise ValueError(f"conditions ask for {strange}, which index {index.version} lacks; it has {index.schema.names}")
 
     runs: dict[str, Retrieved] = {}
     seconds: dict[str, float] = {}
@@ -324,19 +262,6 @@ def evaluate_retrieval(service: RetrievalService, models: Sequence[str], conditi
             runs[model].results.append(products)
             runs[model].seeds.append(request_seed)
 
-    per_condition: dict[str, list[dict[str, Any]]] = {}
-    for name, run in runs.items():
-        entries = []
-        for i, (condition, products) in enumerate(zip(run.conditions, run.results)):
-            entry = {"condition": _jsonable(condition),
-                     "precision": _keyed(precision_at_k([products], [condition], groups, ks)),
-                     "retrieved_ids": [p["id"] for p in products]}
-            if run.seeds is not None:
-                entry["seed"] = run.seeds[i]
-            if run.query_ids is not None:
-                entry["query_id"] = run.query_ids[i]
-            entries.append(entry)
-        per_condition[name] = entries
     return {
         "ks": ks, "groups": groups, "queries": len(conditions), "seed": seed,
         "num_samples": num_samples or service.limits.default_num_samples, "index_version": index.version,
@@ -345,5 +270,41 @@ def evaluate_retrieval(service: RetrievalService, models: Sequence[str], conditi
         "skipped": {name: _jsonable(run.skipped) for name, run in runs.items() if run.skipped},
         "notes": {name: run.note for name, run in runs.items() if run.note},
         "seconds": seconds,
-        "per_condition": per_condition,
+        "per_condition": {name: _per_condition(run, groups, ks) for name, run in runs.items()},
     }
+
+
+def _check_request(service: RetrievalService, index: IndexDirectory, models: list[str],
+                   conditions: Sequence[Mapping[str, Any]], ks: Sequence[int]) -> tuple[list[int], list[str]]:
+    """(sorted ks, the index's groups the conditions ask), or a ValueError saying what is wrong."""
+    clash = [m for m in models if m in BASELINES]
+    if clash:
+        raise ValueError(f"model name(s) {clash} clash with a baseline's name; name the model otherwise")
+    unknown = [m for m in models if m not in service.models]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; available: {', '.join(service.models)}")
+    if not conditions:
+        raise ValueError("no conditions to evaluate")
+    ks = sorted({int(k) for k in ks})
+    if ks[0] < 1 or ks[-1] > service.limits.max_top_k:
+        raise ValueError(f"ks must lie in 1..{service.limits.max_top_k} (the service's max_top_k), got {ks}")
+    asked = {g for c in conditions for g in c}
+    groups = [g for g in index.schema.names if g in asked]
+    strange = sorted(asked - set(groups))
+    if strange:
+        raise ValueError(f"conditions ask for {strange}, which index {index.version} lacks; it has {index.schema.names}")
+    return ks, groups
+
+
+def _per_condition(run: Retrieved, groups: list[str], ks: list[int]) -> list[dict[str, Any]]:
+    entries = []
+    for i, (condition, products) in enumerate(zip(run.conditions, run.results)):
+        entry = {"condition": _jsonable(condition),
+                 "precision": _keyed(precision_at_k([products], [condition], groups, ks)),
+                 "retrieved_ids": [p["id"] for p in products]}
+        if run.seeds is not None:
+            entry["seed"] = run.seeds[i]
+        if run.query_ids is not None:
+            entry["query_id"] = run.query_ids[i]
+        entries.append(entry)
+    return entries

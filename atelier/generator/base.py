@@ -2,38 +2,57 @@
 
 A generator maps (z, condition vector) to images in [-1, 1], NCHW. Callers outside training
 use `sample(attributes, n, seed)`, which returns uint8 (n, H, W, C) ready to embed or encode.
-Families register under a name (`--model cgan`), torchvision-style.
+Families register under a name (`--model cgan`) in `FAMILIES`; each brings a `Trainer` that
+the training loop drives through the `Trainer` protocol below.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from atelier.catalog.schema import AttributeSchema, AttributeValues
+from atelier.registry import Registry
 
-FAMILIES: dict[str, type["ConditionalGenerator"]] = {}
+FAMILIES: Registry[type[ConditionalGenerator]] = Registry("model family")
 
 
-def register(cls: type["ConditionalGenerator"]) -> type["ConditionalGenerator"]:
-    FAMILIES[cls.family] = cls
+def register(cls: type[ConditionalGenerator]) -> type[ConditionalGenerator]:
+    """Class decorator: register a family under its `family` name (a second one is refused)."""
+    FAMILIES.add(cls.family, cls)
     return cls
 
 
-def family(name: str) -> type["ConditionalGenerator"]:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; available: {', '.join(sorted(FAMILIES))}") from None
+def family(name: str) -> type[ConditionalGenerator]:
+    return FAMILIES.get(name)
+
+
+class Trainer(Protocol):
+    """What `atelier.generator.train` asks of a family's `Trainer(model)`.
+
+    `step` runs one optimisation step on a batch (images in [-1, 1], NCHW, and their condition
+    vectors) and returns its losses by name, for the log and the manifest. `extra_state` names
+    the modules besides the model a resumed run needs (a discriminator, an optimizer's state);
+    each is saved as `<name>.safetensors` beside the weights and loaded back on `--resume`.
+    A progressive trainer may also expose `batch_size`, the batch it wants at its current stage.
+    """
+
+    def __init__(self, model: ConditionalGenerator) -> None: ...
+
+    def step(self, images: torch.Tensor, condition: torch.Tensor) -> dict[str, float]: ...
+
+    def extra_state(self) -> dict[str, nn.Module]: ...
 
 
 class ConditionalGenerator(nn.Module):
     family: ClassVar[str]
     Config: ClassVar[type]  # a dataclass of architecture hyper-parameters
+    Trainer: ClassVar[type[Trainer]]
     accepts_partial: ClassVar[bool] = False  # may a request leave a single-label group out?
 
     def __init__(self, schema: AttributeSchema, config: Any):

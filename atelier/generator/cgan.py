@@ -19,6 +19,7 @@ from torch import nn
 
 from atelier.catalog.schema import AttributeSchema
 from atelier.generator.base import ConditionalGenerator, register
+from atelier.generator.checkpoint import OptimizerState
 from atelier.generator.conditioning import ConditionEmbedding
 
 
@@ -181,7 +182,8 @@ class CGANTrainer:
 
     def extra_state(self) -> dict[str, nn.Module]:
         """Modules besides the generator that a resumed run needs (saved beside the weights)."""
-        return {"discriminator": self.d}
+        return {"discriminator": self.d, "optimizer_g": OptimizerState(self.opt_g),
+                "optimizer_d": OptimizerState(self.opt_d)}
 
 
 CGAN.Trainer = CGANTrainer

@@ -1,8 +1,9 @@
 """Model checkpoints: `config.json` + `weights.safetensors` (+ `manifest.json`), never pickle.
 
 `config.json` names the family, its architecture config and the AttributeSchema, so a
-checkpoint rebuilds its model from data alone. Training-only modules (a GAN's discriminator)
-are saved beside it as `<name>.safetensors` so that a run can resume.
+checkpoint rebuilds its model from data alone. Training-only state (a GAN's discriminator, the
+optimizers' moments as `OptimizerState`) is saved beside it as `<name>.safetensors`, so that a
+resumed run goes on exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -80,3 +81,25 @@ def load_extra(path: Path, name: str, module: nn.Module) -> bool:
         return False
     module.load_state_dict(load_file(file))
     return True
+
+
+class OptimizerState(nn.Module):
+    """An optimizer's per-parameter state as a flat tensor dict, so it saves as safetensors."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        super().__init__()
+        self.optimizer = optimizer
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        out = {}
+        for index, state in self.optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                out[f"{index}.{key}"] = torch.as_tensor(value)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):  # type: ignore[override]
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in state.items():
+            index, key = name.split(".", 1)
+            per_param.setdefault(int(index), {})[key] = value
+        self.optimizer.load_state_dict({"state": per_param, "param_groups": self.optimizer.state_dict()["param_groups"]})

@@ -47,8 +47,14 @@ from torch import nn
 
 from atelier.catalog.schema import AttributeSchema
 from atelier.generator.base import ConditionalGenerator, register
+from atelier.generator.checkpoint import OptimizerState
 from atelier.generator.conditioning import (
-    ConditionEmbedding, ConditioningAugmentation, drop_groups, kl_to_standard_normal, mismatched, reparameterise,
+    ConditionEmbedding,
+    ConditioningAugmentation,
+    drop_groups,
+    kl_to_standard_normal,
+    mismatched,
+    reparameterise,
 )
 
 LOSSES = ("lse", "wgan-gp-mismatch")
@@ -197,7 +203,7 @@ class CPGGAN(ConditionalGenerator):
             images = F.interpolate(images, size=self.config.image_size, mode="nearest")
         return images
 
-    def make_discriminator(self) -> "ProgressiveDiscriminator":
+    def make_discriminator(self) -> ProgressiveDiscriminator:
         return ProgressiveDiscriminator(self.schema, self.config)
 
     def consistency_weights(self) -> dict[int, float]:
@@ -362,7 +368,8 @@ class CPGGANTrainer:
                 "resolution": float(size), "alpha": alpha}
 
     def extra_state(self) -> dict[str, nn.Module]:
-        return {"discriminator": self.d}
+        return {"discriminator": self.d, "optimizer_g": OptimizerState(self.opt_g),
+                "optimizer_d": OptimizerState(self.opt_d)}
 
 
 CPGGAN.Trainer = CPGGANTrainer

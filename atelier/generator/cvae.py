@@ -35,6 +35,7 @@ from torch import nn
 from atelier.catalog.schema import AttributeSchema
 from atelier.generator.base import ConditionalGenerator, register
 from atelier.generator.cgan import upsampling_plan
+from atelier.generator.checkpoint import OptimizerState
 from atelier.generator.conditioning import ConditionEmbedding, drop_groups, kl_to_standard_normal
 
 RECONSTRUCTIONS = ("bce", "mse")
@@ -179,8 +180,8 @@ class CVAETrainer:
         return {"loss": loss.item(), "recon": recon.item(), "kl": kl.item(), "kl_weight": weight}
 
     def extra_state(self) -> dict[str, nn.Module]:
-        """Nothing besides the model: the encoder and the step count are in its weights."""
-        return {}
+        """The optimizer's state: the encoder and the step count are in the model's weights."""
+        return {"optimizer": OptimizerState(self.opt)}
 
 
 CVAE.Trainer = CVAETrainer

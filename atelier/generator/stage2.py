@@ -60,8 +60,14 @@ from torch import nn
 from atelier.catalog.schema import AttributeSchema
 from atelier.generator.base import ConditionalGenerator, register
 from atelier.generator.cgan import init_dcgan
+from atelier.generator.checkpoint import OptimizerState
 from atelier.generator.conditioning import (
-    ConditionEmbedding, ConditioningAugmentation, drop_groups, kl_to_standard_normal, mismatched, reparameterise,
+    ConditionEmbedding,
+    ConditioningAugmentation,
+    drop_groups,
+    kl_to_standard_normal,
+    mismatched,
+    reparameterise,
 )
 
 ENCODER_SIZE = 64  # the stage-1 image is resized to this before the encoder
@@ -306,7 +312,8 @@ class Stage2Trainer:
                 "d_wrong": torch.sigmoid(real_wrong).mean().item()}
 
     def extra_state(self) -> dict[str, nn.Module]:
-        return {"discriminator": self.d}
+        return {"discriminator": self.d, "optimizer_g": OptimizerState(self.opt_g),
+                "optimizer_d": OptimizerState(self.opt_d)}
 
 
 Stage2.Trainer = Stage2Trainer

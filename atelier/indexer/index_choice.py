@@ -10,11 +10,12 @@ Candidates, fastest first, each with its resident bytes per vector at dimension 
                           OPQ only where it measures better on a sample; "np": no polysemous
                           training, which we would not use and which took 5x the training time
 
-The first that fits the budget is built; then its search parameter (efSearch / nprobe) is
-raised step by step until recall@10 against exact search reaches the target on queries drawn
-from the vectors themselves (each query's own row left out of both answers), and the measured
-recall, the parameter and the bytes are recorded in the index manifest. An optional PCA
-pre-transform (`pca=`) cuts the dimension for every candidate.
+The first that fits the budget is chosen (`choose_index`, once per job, before embedding) and
+built (`build_index`); then its search parameter (efSearch / nprobe) is raised step by step
+until recall@10 against exact search reaches the target on queries drawn from the vectors
+themselves (each query's own row left out of both answers), and the measured recall, the
+parameter and the bytes are recorded in the index manifest. An optional PCA pre-transform
+(`pca=`) cuts the dimension for every candidate.
 """
 
 from __future__ import annotations
@@ -142,13 +143,15 @@ def _parameter_of(factory: str) -> str | None:
     return None
 
 
-def build_index(vectors: np.ndarray, options: IndexOptions | None = None) -> BuiltIndex:
-    """Choose, train, fill and tune an inner-product index over `vectors` (n, d), L2-normalised."""
+def build_index(vectors: np.ndarray, spec: IndexSpec, options: IndexOptions | None = None) -> BuiltIndex:
+    """Train, fill and tune an inner-product index of type `spec` over `vectors` (n, d), L2-normalised.
+
+    `spec` is the caller's `choose_index` result, not chosen again here: the reindex job chooses
+    before embedding, so that a budget nothing fits fails before any image is embedded."""
     options = options or IndexOptions()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     start = time.perf_counter()
-    spec = choose_index(n, dim, options)
     rng = np.random.default_rng(options.seed)
     opq_record = None
     if spec.kind == "ivf-pq":  # OPQ where it pays: compare on a sample

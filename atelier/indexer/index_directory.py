@@ -7,10 +7,11 @@
                       schema, catalogue name + fingerprint, index type and the record of its
                       choice (index_choice: budget, bytes, measured recall@10), sha256 of each file
 
-Built by `build_index_directory` in a staging folder and published by atomic rename
-(atelier.artifacts), so a reader never sees half an index. Opened memory-mapped: the FAISS
-file (IO_FLAG_MMAP_IFC) and the products (Arrow IPC) are read in place, so the pages are the
-kernel's page cache, shared between processes serving one version and never copied.
+Written by `build_index_directory` into the reindex job's staging folder (the writer calls it)
+and published by one atomic rename (atelier.indexer.runner.publish_index, atelier.artifacts),
+so a reader never sees half an index. Opened memory-mapped: the FAISS file (IO_FLAG_MMAP_IFC)
+and the products (Arrow IPC) are read in place, so the pages are the kernel's page cache,
+shared between processes serving one version and never copied.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 
 from atelier import artifacts
 from atelier.catalog.schema import AttributeSchema
-from atelier.indexer.index_choice import IndexOptions, apply_search_parameters, build_index
+from atelier.indexer.index_choice import IndexOptions, IndexSpec, apply_search_parameters, build_index
 
 KIND = "index"
 INDEX_FILE = "index.faiss"
@@ -35,45 +36,31 @@ LEGACY_PRODUCTS_FILE = "products.parquet"  # index versions written before produ
 METRIC = "inner_product"  # vectors are L2-normalised, so this is cosine similarity
 
 
-def write_index_directory(
-    dest: Path,
-    vectors: np.ndarray,
-    products: pa.Table,
-    embedder: dict[str, Any],
-    schema: AttributeSchema,
-    catalogue: dict[str, Any],
-    extra: dict[str, Any] | None = None,
-    options: IndexOptions | None = None,
-) -> Path:
-    """Build the FAISS index over `vectors` (row i = products row i) and publish it at `dest`."""
-    with artifacts.staging(dest) as stage:
-        build_index_directory(stage, vectors, products, embedder, schema, catalogue, extra, options)
-        return artifacts.publish(stage, dest)
-
-
 def build_index_directory(
-    stage: Path,
+    folder: Path,
     vectors: np.ndarray,
     products: pa.Table,
     embedder: dict[str, Any],
     schema: AttributeSchema,
     catalogue: dict[str, Any],
+    choice: IndexSpec,
     extra: dict[str, Any] | None = None,
     options: IndexOptions | None = None,
 ) -> None:
-    """Write the index files and manifest into a staging folder (see `artifacts.staging`).
-    `options`: memory budget, recall target, PCA (atelier.indexer.index_choice)."""
+    """Write the index files and manifest into `folder` (a staging folder, see `artifacts.staging`);
+    publishing it is the caller's. `choice`: the index type, from `choose_index`; `options`: memory
+    budget, recall target, PCA (atelier.indexer.index_choice)."""
     if len(vectors) != products.num_rows:
         raise ValueError(f"{len(vectors)} vectors for {products.num_rows} products")
     if len(vectors) == 0:
         raise ValueError("refusing to publish an empty index")
-    built = build_index(vectors, options)
-    faiss.write_index(built.index, str(stage / INDEX_FILE))
-    built.record["bytes"] = (stage / INDEX_FILE).stat().st_size
-    with pa.OSFile(str(stage / PRODUCTS_FILE), "wb") as sink, pa.ipc.new_file(sink, products.schema) as writer:
+    built = build_index(vectors, choice, options)
+    faiss.write_index(built.index, str(folder / INDEX_FILE))
+    built.record["bytes"] = (folder / INDEX_FILE).stat().st_size
+    with pa.OSFile(str(folder / PRODUCTS_FILE), "wb") as sink, pa.ipc.new_file(sink, products.schema) as writer:
         writer.write_table(products)
     artifacts.write_manifest(
-        stage, KIND, embedder=embedder, dimension=int(vectors.shape[1]), metric=METRIC,
+        folder, KIND, embedder=embedder, dimension=int(vectors.shape[1]), metric=METRIC,
         count=int(len(vectors)), schema=schema.to_dict(), catalogue=catalogue,
         index_type=built.spec.factory, index_choice=built.record, **(extra or {}),
     )
@@ -87,7 +74,7 @@ class IndexDirectory:
     products: pa.Table
 
     @classmethod
-    def open(cls, path: Path, verify: bool = True) -> "IndexDirectory":
+    def open(cls, path: Path, verify: bool = True) -> IndexDirectory:
         folder = artifacts.resolve(path)
         manifest = artifacts.read_manifest(folder, KIND, verify=verify)
         index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)

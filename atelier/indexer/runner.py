@@ -1,8 +1,14 @@
 """The reindex job: catalogue -> reader -> mapper -> writer -> published index directory.
 
-Follows clip-retrieval's shape: the runner wires the three stages; `sequential` is the only
-distributor for now (one process; a Spark or Slurm distributor would split the catalogue's
-Parquet files across workers and merge the writers' outputs).
+The runner owns the job, in clip-retrieval's shape: `reindex` claims the staging folder,
+chooses the index type and builds the three stages; `run_stages` drives them (the loop);
+`publish_index` has the writer write its files, then publishes them. The stages only do their
+part: the reader reads, the mapper embeds, the writer collects and writes the index files into
+the folder it is given. One process for now; a Spark or Slurm distributor would split the
+catalogue's Parquet files across workers and merge the writers' outputs.
+
+The index type is chosen once, before any image is embedded (a budget nothing fits fails at
+once, not after the embedding), and handed to the writer, which builds that type.
 
 Crash safety: the job claims its staging folder when it starts and publishes it with one
 atomic rename at the end, so a job killed at any point leaves the published index as it was;
@@ -14,13 +20,19 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue
 from atelier.indexer.embedders import (
-    AUTO, DEFAULT_EMBEDDER, DEFAULT_INPUT_SIZE, INDEX_EMBEDDER_FOLDER, build_embedder, embedder_for_catalogue,
+    AUTO,
+    DEFAULT_EMBEDDER,
+    DEFAULT_INPUT_SIZE,
+    INDEX_EMBEDDER_FOLDER,
+    build_embedder,
+    embedder_for_catalogue,
 )
 from atelier.indexer.index_choice import IndexOptions, choose_index
 from atelier.indexer.mapper import EmbeddingMapper
@@ -46,8 +58,9 @@ def reindex(
 
     `embedder_name`: an ImageNet backbone's name, a trained embedder's folder, or `auto` (the
     one measured best for this catalogue, see `embedder_for_catalogue`). `index_options`: memory
-    budget, recall target, PCA (atelier.indexer.index_choice); an impossible budget fails before
-    any image is embedded."""
+    budget, recall target, PCA (atelier.indexer.index_choice); the index type is chosen from
+    them once, before any image is embedded, so an impossible budget fails first. Raises
+    writer.TooManyFailures when more than `max_failed_fraction` of the images cannot be decoded."""
     if not 0.0 <= max_failed_fraction <= 1.0:
         raise ValueError(f"max_failed_fraction must be within [0, 1], got {max_failed_fraction}")
     if threads:
@@ -58,29 +71,50 @@ def reindex(
         if embedder_name == AUTO:
             embedder_name = embedder_for_catalogue(catalogue.name)
         embedder = build_embedder(embedder_name, input_size)
-        choose_index(len(catalogue), embedder.dim, index_options)  # a budget nothing fits: say so now, not after embedding
+        # The one choice, before embedding: a budget nothing fits fails now. It counts every row;
+        # images skipped later only make the index smaller.
+        choice = choose_index(len(catalogue), embedder.dim, index_options)
         embedder.copy_files(stage / INDEX_EMBEDDER_FOLDER)  # hashed into the manifest with the index files
-        reader = CatalogueReader(catalogue, batch_size)
-        mapper = EmbeddingMapper(embedder, catalogue.image_channels)
         writer = IndexWriter(
-            stage, dest, catalogue.schema, embedder.describe(),
+            stage, catalogue.schema, embedder.describe(),
             {"name": catalogue.name, "fingerprint": catalogue.fingerprint, "rows": len(catalogue)},
-            max_failed_fraction, index_options,
+            choice, index_options, max_failed_fraction,
         )
-        start = time.perf_counter()
-        try:
-            with progress_bar(total=len(reader), desc="embedding", unit="img", disable=not progress) as bar:
-                for embedded in mapper.map(reader):
-                    writer.write(embedded)
-                    bar.update(len(embedded.vectors) + len(embedded.skipped))
-        finally:
-            mapper.close()
-        seconds = time.perf_counter() - start
-        if writer.skipped:
-            log.warning("%d of %d images could not be decoded and were skipped (listed in the manifest's "
-                        "'skipped'), e.g. %s", len(writer.skipped), len(catalogue), writer.skipped[0])
-        return writer.close(extra={"build": {
-            "seconds": round(seconds, 2), "images_per_second": round(len(catalogue) / seconds, 1),
-            "batch_size": batch_size, "torch_threads": torch.get_num_threads(),
-            **{k: round(v, 3) for k, v in mapper.timings.items()},
-        }})
+        mapper = EmbeddingMapper(embedder, catalogue.image_channels)
+        build = run_stages(CatalogueReader(catalogue, batch_size), mapper, writer, progress)
+        return publish_index(writer, dest, extra={"build": build})
+
+
+def run_stages(reader: CatalogueReader, mapper: EmbeddingMapper, writer: IndexWriter,
+               progress: bool = True) -> dict[str, Any]:
+    """Drive reader -> mapper -> writer to the end of the catalogue; returns the manifest's
+    `build` record (wall time, images per second, batch size, threads, the mapper's timings)."""
+    start = time.perf_counter()
+    try:
+        with progress_bar(total=len(reader), desc="embedding", unit="img", disable=not progress) as bar:
+            for embedded in mapper.map(reader):
+                writer.write(embedded)
+                bar.update(len(embedded.vectors) + len(embedded.skipped))
+    finally:
+        mapper.close()  # its decode thread, also when the writer gives up part-way
+    seconds = time.perf_counter() - start
+    if writer.skipped:
+        log.warning("%d of %d images could not be decoded and were skipped (listed in the manifest's "
+                    "'skipped'), e.g. %s", len(writer.skipped), len(reader), writer.skipped[0])
+    return {
+        "seconds": round(seconds, 2), "images_per_second": round(len(reader) / seconds, 1),
+        "batch_size": reader.batch_size, "torch_threads": torch.get_num_threads(),
+        **{k: round(v, 3) for k, v in mapper.timings.items()},
+    }
+
+
+def publish_index(writer: IndexWriter, dest: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the writer's index into its folder, then make that folder the current version of
+    `dest` with one atomic rename; returns the version folder.
+
+    The one way an index gets published: the reindex job ends here, and so do the tests'
+    indexes over ready vectors. The writer's folder must be a staging folder of `dest`,
+    claimed by the caller (`artifacts.staging(dest)`), which also removes it if this fails.
+    `extra`: more manifest fields."""
+    writer.close(extra)
+    return artifacts.publish(writer.folder, dest)

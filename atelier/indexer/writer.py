@@ -1,8 +1,11 @@
-"""Writer: collects embedded batches, then builds the index directory in the job's staging
-folder and publishes it.
+"""Writer: collects embedded batches, then writes the index files into the folder it is given.
+
+The folder is the job's staging folder; claiming it and publishing it are the runner's
+(atelier.indexer.runner), so the writer knows no destination. The index type comes chosen
+(index_choice.choose_index, by the runner before embedding) and is built as given.
 
 Images that could not be decoded are counted and listed (product id + reason) in the
-manifest's `skipped`; the job fails, publishing nothing, once more than `max_failed_fraction`
+manifest's `skipped`; the job fails, writing no index, once more than `max_failed_fraction`
 of the catalogue has failed (as soon as that is certain, not only at the end).
 """
 
@@ -14,9 +17,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from atelier import artifacts
 from atelier.catalog.schema import AttributeSchema
-from atelier.indexer.index_choice import IndexOptions
+from atelier.indexer.index_choice import IndexOptions, IndexSpec
 from atelier.indexer.index_directory import build_index_directory
 from atelier.indexer.mapper import Embedded
 
@@ -26,13 +28,19 @@ class TooManyFailures(RuntimeError):
 
 
 class IndexWriter:
-    def __init__(self, stage: Path, dest: Path, schema: AttributeSchema, embedder: dict[str, Any],
-                 catalogue: dict[str, Any], max_failed_fraction: float, index_options: IndexOptions | None = None):
+    """The mapper's batches for one index, written into `folder` by `close`.
+
+    `embedder` and `catalogue` are the manifest's records of them (a catalogue's `rows`, when
+    known, lets the failure bound be checked batch by batch); `choice` the index type to build;
+    `options` the rest of what was asked (recall target, PCA: atelier.indexer.index_choice)."""
+
+    def __init__(self, folder: Path, schema: AttributeSchema, embedder: dict[str, Any], catalogue: dict[str, Any],
+                 choice: IndexSpec, options: IndexOptions | None = None, max_failed_fraction: float = 0.0):
         if not 0.0 <= max_failed_fraction <= 1.0:
             raise ValueError(f"max_failed_fraction must be within [0, 1], got {max_failed_fraction}")
-        self.stage, self.dest, self.schema, self.embedder, self.catalogue = stage, dest, schema, embedder, catalogue
+        self.folder, self.schema, self.embedder, self.catalogue = folder, schema, embedder, catalogue
+        self.choice, self.options = choice, options
         self.max_failed_fraction = max_failed_fraction
-        self.index_options = index_options
         self.expected = int(catalogue.get("rows") or 0)  # 0: unknown, checked at the end only
         self.vectors: list[np.ndarray] = []
         self.rows: list[pa.Table] = []
@@ -53,16 +61,15 @@ class IndexWriter:
                 f"{self.max_failed_fraction}); first: {self.skipped[:3]}; the previous index is untouched"
             )
 
-    def close(self, extra: dict[str, Any] | None = None) -> Path:
-        """Build the index in the staging folder and publish it; returns the version folder."""
+    def close(self, extra: dict[str, Any] | None = None) -> None:
+        """Build the index and write its files and manifest (with `skipped` and `extra`) into the folder."""
         kept = sum(len(v) for v in self.vectors)
         total = kept + len(self.skipped)
         self._check(total)
         failures = {"skipped_count": len(self.skipped), "images": total,
                     "max_failed_fraction": self.max_failed_fraction}
         build_index_directory(
-            self.stage, np.concatenate(self.vectors), pa.concat_tables(self.rows), self.embedder,
-            self.schema, self.catalogue, extra={"skipped": self.skipped, **failures, **(extra or {})},
-            options=self.index_options,
+            self.folder, np.concatenate(self.vectors), pa.concat_tables(self.rows), self.embedder,
+            self.schema, self.catalogue, self.choice, extra={"skipped": self.skipped, **failures, **(extra or {})},
+            options=self.options,
         )
-        return artifacts.publish(self.stage, self.dest)

@@ -6,6 +6,14 @@ at batch 1 and 530 at batch 32 (2 cores). So requests for the same model that ar
 one batch by the model's worker thread: one generator run, one embedder run, one FAISS search
 per distinct top_k; each request then merges its own candidates on its own thread.
 
+The stages are functions that return their output:
+    generate(generator, conditions, seeds, chunk_rows) -> images
+    embed(embedder, images, chunk_rows)                 -> vectors
+    search(index, vectors, k)                           -> candidates (index rows)
+A request hands `ModelBatcher.run` a `BatchRequest` (its rows and what to search them in) and
+gets back its own `Drawn` (its rows of each stage's output, and the timings), through a future
+that the worker resolves once the batch is done; nothing else passes between the two.
+
 Batch-invariant by construction: both networks always run on slices of exactly `chunk_rows`
 rows (the last one padded with copies of its first row), whether a batch holds one request or
 many. oneDNN picks kernels by tensor shape and its results differ in the last bits between
@@ -14,22 +22,25 @@ shapes; with one shape, a row's output depends only on its own input. FAISS is s
 its own. So a request returns bit for bit what it returns alone (tests/test_batching.py).
 
 Deadlines: a request whose deadline passes while it waits is taken out of the queue and gets
-`DeadlineExceeded`; inside a batch, each request's deadline is checked before the generate and
-the embed stage, and a request past it is dropped from the rest of the batch.
+`Expired('queue')`; inside a batch, each request's deadline is checked before the generate,
+embed and search stages, and a request past it is left out of the rest of the batch and gets
+`Expired(stage)`. The service turns either into DeadlineExceeded.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from atelier.generator import ConditionalGenerator
 from atelier.indexer.embedders import Embedder, fixed_chunks
 from atelier.indexer.index_directory import IndexDirectory
+from atelier.retrieval.stages import EMBED, GENERATE, QUEUE, SEARCH
 
 SEARCH_CHUNK = 16  # queries per FAISS call: under faiss.cvar.distance_compute_blas_threshold
 
@@ -55,77 +66,113 @@ class BatchPolicy:
 
 
 class Expired(Exception):
-    """A job's deadline passed before `stage`, or while it waited ("queue"); the caller turns
-    it into DeadlineExceeded."""
+    """A request's deadline passed before `stage`, or while it waited (stage QUEUE); the service
+    turns it into DeadlineExceeded."""
 
     def __init__(self, stage: str):
         super().__init__(stage)
         self.stage = stage
 
 
-@dataclass(eq=False)
-class Job:
-    """One request's rows: conditions (n, cond_dim) and per-image seeds, plus what came back."""
+@dataclass(frozen=True, eq=False)
+class BatchRequest:
+    """What one request asks of its model's batch: its rows, and what to embed and search them with."""
 
-    conditions: np.ndarray
-    seeds: list[int]
+    conditions: np.ndarray  # (rows, cond_dim)
+    seeds: list[int]  # one per row
     embedder: Embedder  # the served index and its embedder, as the request read them at its start
     index: IndexDirectory
     top_k: int
     expired: Callable[[], bool]  # has the request's deadline passed?
-    state: str = "queued"  # queued -> running -> done; queued -> cancelled
-    images: np.ndarray | None = None
-    vectors: np.ndarray | None = None
-    neighbours: np.ndarray | None = None  # (rows, top_k) index rows, -1 where fewer exist
-    error: BaseException | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    batch_requests: int = 0
-    done: threading.Event = field(default_factory=threading.Event)
-    queued_at: float = field(default_factory=time.perf_counter)
 
     @property
     def rows(self) -> int:
         return len(self.seeds)
 
 
+@dataclass(frozen=True, eq=False)
+class Drawn:
+    """What a batch returns to one request: its own rows of each stage's output."""
+
+    images: np.ndarray  # (rows, H, W, C) uint8
+    vectors: np.ndarray  # (rows, dim)
+    candidates: np.ndarray  # (rows, top_k) index rows, -1 where fewer exist
+    timings_ms: dict[str, float]  # queue, generate, embed, search (the batch's), in that order
+    batch_requests: int  # how many requests shared the batch
+
+
+# -- the stages --------------------------------------------------------------------------------
+
+
+def generate(generator: ConditionalGenerator, conditions: np.ndarray, seeds: Sequence[int],
+             chunk_rows: int) -> np.ndarray:
+    """One image per row of `conditions` and its seed, `chunk_rows` rows per generator run (the
+    last chunk padded), so a row's image depends on its own condition and seed alone."""
+    seeds = np.asarray(seeds, dtype=np.int64)
+    return np.concatenate([
+        generator.sample_conditions(c, s.tolist())
+        for c, s in zip(fixed_chunks(conditions, chunk_rows, True), fixed_chunks(seeds, chunk_rows, True))
+    ])[: len(seeds)]
+
+
+def embed(embedder: Embedder, images: np.ndarray, chunk_rows: int) -> np.ndarray:
+    """One vector per image, `chunk_rows` images per embedder run (padded, as in generate)."""
+    return embedder.embed(images, batch_size=chunk_rows, fixed_shape=True)
+
+
+def search(index: IndexDirectory, vectors: np.ndarray, k: int) -> np.ndarray:
+    """Each vector's k nearest index rows (-1 where fewer exist), SEARCH_CHUNK queries per FAISS call."""
+    return np.concatenate([index.search(vectors[i : i + SEARCH_CHUNK], k)[1]
+                           for i in range(0, len(vectors), SEARCH_CHUNK)])
+
+
+# -- the queue and worker of one model -----------------------------------------------------------
+
+
+@dataclass(eq=False)  # compared and hashed by identity: the queue removes this one, not an equal one
+class _Pending:
+    request: BatchRequest
+    future: futures.Future = field(default_factory=futures.Future)  # -> Drawn, or Expired / the batch's error
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
 class ModelBatcher:
-    """The queue and worker of one model. `run(job, wait)` blocks until the job is done."""
+    """The queue and worker of one model. `run(request, timeout)` blocks until its batch is done."""
 
     def __init__(self, name: str, generator: ConditionalGenerator, policy: BatchPolicy, workers: int = 1):
         if workers < 1:
             raise ValueError(f"a model needs at least one batch worker, got {workers}")
         self.name, self.generator, self.policy, self.max_workers = name, generator, policy, workers
-        self._lock = threading.Condition()
+        self._lock = threading.Condition()  # guards the queue, and taking a request out of it
         self._gathering = threading.Lock()  # one worker gathers at a time; the others compute
-        self._queue: list[Job] = []
+        self._queue: list[_Pending] = []
         self._workers = 0
         self.batches = 0  # counters for benchmarks and logs
         self.batched_requests = 0
 
-    def run(self, job: Job, timeout: float | None) -> Job:
-        """Queue `job` and wait for it. `timeout` (seconds, None = none): if it passes while the
-        job still waits, the job is withdrawn and `Expired('queue')` raised; once its batch
-        has started, the batch's own deadline checks apply."""
+    def run(self, request: BatchRequest, timeout: float | None) -> Drawn:
+        """Queue `request` and return its rows of the batch it ran in. `timeout` (seconds, None
+        = none): if it passes while the request still waits, the request is withdrawn and
+        `Expired('queue')` raised; once its batch has started, the batch's own deadline checks apply."""
+        pending = _Pending(request)
         with self._lock:
-            self._queue.append(job)
+            self._queue.append(pending)
             if self._workers < self.max_workers:
                 self._workers += 1
                 threading.Thread(target=self._serve, name=f"batch-{self.name}", daemon=True).start()
             self._lock.notify_all()
-        if not job.done.wait(timeout):
+        futures.wait([pending.future], timeout)
+        if not pending.future.done():
             with self._lock:
-                if job.state == "queued":
-                    job.state = "cancelled"
-                    self._queue.remove(job)
-                    raise Expired("queue")
-            job.done.wait()  # running: it finishes (or is dropped) at the batch's next check
-        if job.error is not None:
-            raise job.error
-        return job
+                # cancel() succeeds only while the future is pending, i.e. the request is still
+                # queued: a worker marks it running under this lock as it takes it out
+                if pending.future.cancel():
+                    self._queue.remove(pending)
+                    raise Expired(QUEUE)
+        return pending.future.result()
 
-    # -- the worker ----------------------------------------------------------------------------
-    def _next_batch(self) -> list[Job] | None:
-        """Wait for work; then gather same-embedder jobs for up to max_wait_ms. None: idle, quit."""
+    def _next_batch(self) -> list[_Pending] | None:
+        """Wait for work; then gather same-embedder requests for up to max_wait_ms. None: idle, quit."""
         policy = self.policy
         with self._gathering, self._lock:
             if not self._queue:
@@ -138,25 +185,26 @@ class ModelBatcher:
             while True:
                 batch = self._gather(first)
                 left = wait_until - time.perf_counter()
-                if sum(j.rows for j in batch) >= policy.max_batch_rows or left <= 0:
+                if sum(p.request.rows for p in batch) >= policy.max_batch_rows or left <= 0:
                     break
                 self._lock.wait(left)
-            for job in batch:
-                self._queue.remove(job)
-                job.state = "running"
+            for pending in batch:
+                self._queue.remove(pending)
+                pending.future.set_running_or_notify_cancel()  # never cancelled: run() cancels only what is queued
             return batch
 
-    def _gather(self, first: Job) -> list[Job]:
-        """Queued jobs in arrival order that share `first`'s index and embedder (an index swap
+    def _gather(self, first: _Pending) -> list[_Pending]:
+        """Queued requests in arrival order that share `first`'s index and embedder (an index swap
         changes them), up to max_batch_rows; `first` always goes, however many rows it has."""
         batch, rows = [], 0
-        for job in self._queue:
-            if job.embedder is not first.embedder or job.index is not first.index:
+        for pending in self._queue:
+            request = pending.request
+            if request.embedder is not first.request.embedder or request.index is not first.request.index:
                 continue
-            if batch and rows + job.rows > self.policy.max_batch_rows:
+            if batch and rows + request.rows > self.policy.max_batch_rows:
                 break
-            batch.append(job)
-            rows += job.rows
+            batch.append(pending)
+            rows += request.rows
         return batch
 
     def _serve(self) -> None:
@@ -165,68 +213,57 @@ class ModelBatcher:
             if batch is None:
                 return
             try:
-                self._compute(batch)
+                outcomes = self._compute(batch)
             except BaseException as error:  # a failing batch fails its requests, not the worker
-                for job in batch:
-                    if not job.done.is_set():
-                        job.error = error
-            finally:
-                for job in batch:
-                    job.state = "done"
-                    job.done.set()
+                outcomes = [error] * len(batch)
+            for pending, outcome in zip(batch, outcomes):
+                if isinstance(outcome, BaseException):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)
 
-    def _compute(self, batch: list[Job]) -> None:
+    def _compute(self, batch: list[_Pending]) -> list[Drawn | Expired]:
+        """The stages in order on `batch`; returns each request's outcome, in batch order."""
+        outcomes: dict[_Pending, Drawn | Expired] = {}
+
+        def still_live(pendings: list[_Pending], stage: str) -> list[_Pending]:
+            for pending in pendings:
+                if pending.request.expired():
+                    outcomes[pending] = Expired(stage)
+            return [p for p in pendings if p not in outcomes]
+
         start = time.perf_counter()
-        live = self._drop_expired(batch, "generate")
+        live = still_live(batch, GENERATE)
         if not live:
-            return
-        for job in live:
-            job.timings_ms["queue"] = (start - job.queued_at) * 1000
-            job.batch_requests = len(live)
+            return [outcomes[p] for p in batch]
+        requests = len(live)
         self.batches += 1
-        self.batched_requests += len(live)
+        self.batched_requests += requests
         chunk = self.policy.chunk_rows
-        conditions = np.concatenate([j.conditions for j in live])
-        seeds = np.array([s for j in live for s in j.seeds], dtype=np.int64)
-        images = np.concatenate([
-            self.generator.sample_conditions(c, s.tolist())
-            for c, s in zip(fixed_chunks(conditions, chunk, True), fixed_chunks(seeds, chunk, True))
-        ])[: len(seeds)]
+        conditions = np.concatenate([p.request.conditions for p in live])
+        images = split(generate(self.generator, conditions, [s for p in live for s in p.request.seeds], chunk), live)
         generated = time.perf_counter()
-        kept = self._drop_expired(live, "embed")
-        positions = np.cumsum([0] + [j.rows for j in live])
-        if kept:
-            rows = np.concatenate([np.arange(positions[i], positions[i + 1]) for i, j in enumerate(live) if j in kept])
-            vectors = live[0].embedder.embed(images[rows], batch_size=chunk, fixed_shape=True)
+        live = still_live(live, EMBED)
+        vectors = {}
+        if live:  # one embedder per batch: _gather keeps to the first request's
+            vectors = split(embed(live[0].request.embedder, np.concatenate([images[p] for p in live]), chunk), live)
         embedded = time.perf_counter()
-        offset = 0
-        for i, job in enumerate(live):
-            job.timings_ms["generate"] = (generated - start) * 1000
-            if job in kept:
-                job.images = images[positions[i] : positions[i + 1]]
-                job.vectors = vectors[offset : offset + job.rows]
-                offset += job.rows
-                job.timings_ms["embed"] = (embedded - generated) * 1000
-        searching = self._drop_expired(kept, "search")
-        for k in sorted({job.top_k for job in searching}):  # one k per call: ties cut the same way as alone
-            same_k = [job for job in searching if job.top_k == k]
-            queries = np.concatenate([job.vectors for job in same_k])
-            found = np.concatenate([same_k[0].index.search(queries[i : i + SEARCH_CHUNK], k)[1]
-                                    for i in range(0, len(queries), SEARCH_CHUNK)])
-            offset = 0
-            for job in same_k:
-                job.neighbours = found[offset : offset + job.rows]
-                offset += job.rows
+        live = still_live(live, SEARCH)
+        candidates: dict[_Pending, np.ndarray] = {}
+        for k in sorted({p.request.top_k for p in live}):  # one k per call: ties cut the same way as alone
+            same_k = [p for p in live if p.request.top_k == k]
+            found = search(same_k[0].request.index, np.concatenate([vectors[p] for p in same_k]), k)
+            candidates.update(split(found, same_k))
         searched = time.perf_counter()
-        for job in searching:
-            job.timings_ms["search"] = (searched - embedded) * 1000
+        for p in live:
+            timings = {QUEUE: start - p.queued_at, GENERATE: generated - start, EMBED: embedded - generated,
+                       SEARCH: searched - embedded}
+            outcomes[p] = Drawn(images[p], vectors[p], candidates[p], {s: t * 1000 for s, t in timings.items()},
+                                requests)
+        return [outcomes[p] for p in batch]
 
-    @staticmethod
-    def _drop_expired(jobs: list[Job], stage: str) -> list[Job]:
-        live = []
-        for job in jobs:
-            if job.expired():
-                job.error = Expired(stage)
-            else:
-                live.append(job)
-        return live
+
+def split(rows: np.ndarray, owners: list[_Pending]) -> dict[_Pending, np.ndarray]:
+    """`rows` cut into each owner's consecutive share, in order."""
+    ends = np.cumsum([p.request.rows for p in owners])
+    return {p: rows[end - p.request.rows : end] for p, end in zip(owners, ends)}

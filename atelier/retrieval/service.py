@@ -1,11 +1,18 @@
 """GenerateAndRetrieve, in process: attributes -> generated images -> vectors -> products.
 
-    validate  the model name, the attributes against that model's schema, the bounds
-    generate  `num_samples` images with the requested model, z drawn from the request seed
-    embed     them with the index's own embedder (same name, input size and weights hash)
-    search    each sample's top_k nearest products in FAISS
-    (these three run in a batch shared with concurrent requests for the same model: batching)
-    merge     the union of those candidates, ranked by their MEAN similarity over all samples
+Each stage is a function that returns its output (stage names: atelier.retrieval.stages):
+    validate  RetrievalService.validate(request) -> ValidRequest: the model name, the
+              attributes against that model's schema, the bounds, every default resolved
+    generate  batching.generate -> `num_samples` images with the requested model, z drawn
+              from the request seed
+    embed     batching.embed -> their vectors, by the index's own embedder (same name, input
+              size and weights hash)
+    search    batching.search -> each sample's top_k nearest products in FAISS
+    (these three run in a batch shared with concurrent requests for the same model, after
+    waiting for it, timed as queue: the batch worker calls them in order and returns each
+    request its own rows of their outputs, `Drawn`)
+    merge     merge(index, vectors, candidates, top_k) -> products: the union of those
+              candidates, ranked by their MEAN similarity over all samples
 
 Why the mean: each sample is one plausible drawing of the request. What the samples share is
 what was asked (the attributes); what varies between them (pose, shade, a detail) is noise
@@ -36,9 +43,10 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -48,10 +56,10 @@ from atelier.generator import ConditionalGenerator, load_generator
 from atelier.generator.base import sample_seeds
 from atelier.indexer.embedders import Embedder, embedder_of_index
 from atelier.indexer.index_directory import IndexDirectory
-from atelier.retrieval.batching import BatchPolicy, Expired, Job, ModelBatcher
+from atelier.retrieval.batching import BatchPolicy, BatchRequest, Drawn, Expired, ModelBatcher
+from atelier.retrieval.stages import GENERATE, MERGE, QUEUE, VALIDATE, WORK
 
 log = logging.getLogger("atelier.retrieval")
-STAGES = ("validate", "generate", "embed", "search", "merge")  # timings add "queue": waiting for a batch
 
 
 class InvalidRequest(ValueError):
@@ -168,6 +176,18 @@ class LoadedModel:
         return f"{self.generator.family}:{self.manifest['weights_sha256'][:12]}"
 
 
+@dataclass(frozen=True)
+class ValidRequest:
+    """A request that passed `validate`, as it will be served: every default resolved."""
+
+    model: LoadedModel
+    attributes: dict[str, tuple[str, ...]]  # normalised by the model's schema
+    num_samples: int
+    top_k: int
+    seed: int  # the request's, or a fresh random one
+    return_images: bool
+
+
 class RetrievalService:
     def __init__(self, index: IndexDirectory, embedder: Embedder, models: dict[str, LoadedModel],
                  limits: Limits | None = None, index_source: Path | None = None,
@@ -187,7 +207,7 @@ class RetrievalService:
 
     @classmethod
     def open(cls, index_path: Path, model_paths: Mapping[str, Path], limits: Limits | None = None,
-             batching: BatchPolicy | None = None) -> "RetrievalService":
+             batching: BatchPolicy | None = None) -> RetrievalService:
         """Load the index, its embedder and the models, refusing any combination that disagrees."""
         if not model_paths:
             raise ValueError("at least one model is needed (name -> checkpoint folder)")
@@ -275,7 +295,9 @@ class RetrievalService:
             for value in values:
                 check_string(f"value of attribute {short(name)}", value)
 
-    def validate(self, request: RetrievalRequest) -> tuple[LoadedModel, dict[str, tuple[str, ...]], int, int]:
+    def validate(self, request: RetrievalRequest) -> ValidRequest:
+        """The request checked against the limits and its model's schema; `InvalidRequest` says
+        what is allowed where it breaks a rule."""
         self.check_sizes(request)
         name = request.model or self.default_model
         if name not in self.models:
@@ -297,45 +319,43 @@ class RetrievalService:
             attributes = schema.normalise(request.attributes, require_all=not model.generator.accepts_partial)
         except InvalidAttributes as error:
             raise InvalidRequest(str(error)) from None
-        return model, attributes, n, k
+        seed = request.seed if request.seed is not None else random.getrandbits(63)
+        return ValidRequest(model, attributes, n, k, seed, request.return_images)
 
     def generate_and_retrieve(self, request: RetrievalRequest, time_remaining: float | None = None) -> RetrievalResult:
         """Run the stages; `time_remaining` (seconds, None = no deadline) is checked before each."""
         served = self._served  # read once: a swap during this request does not touch it
         deadline = Deadline(time_remaining, self.clock)
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = (now - clock) * 1000
-            clock = now
-
-        deadline.check("validate")
-        model, attributes, n, k = self.validate(request)
-        seed = request.seed if request.seed is not None else random.getrandbits(63)
-        lap("validate")
-        with self.admission.slot(model.name):
-            deadline.check("generate")
-            condition = model.generator.schema.encode(attributes, require_all=False)  # validate() applied the rules
-            job = Job(np.repeat(condition[None], n, axis=0), sample_seeds(seed, n), served.embedder, served.index, k,
-                      deadline.passed)
-            try:
-                self.batchers[model.name].run(job, deadline.remaining())
-            except Expired as expired:
-                deadline.refuse(expired.stage, f"model {model.name!r}'s batch queue "
-                                               f"(max_running_per_model = {self.limits.max_running_per_model})")
-            timings.update(job.timings_ms)  # queue, generate, embed, search: the batch's
-            clock = time.perf_counter()
-            deadline.check("merge")
-            products = merge_products(served.index, job.vectors, job.neighbours, k)
-            lap("merge")
+        started = time.perf_counter()
+        deadline.check(VALIDATE)
+        valid = self.validate(request)
+        timings = {VALIDATE: milliseconds_since(started)}
+        with self.admission.slot(valid.model.name):
+            deadline.check(GENERATE)
+            drawn = self.draw(valid, served, deadline)
+            timings.update(drawn.timings_ms)  # queue, generate, embed, search: the batch's
+            started = time.perf_counter()
+            deadline.check(MERGE)
+            products = merge(served.index, drawn.vectors, drawn.candidates, valid.top_k)
+            timings[MERGE] = milliseconds_since(started)
         return RetrievalResult(
-            products=products, images=list(job.images) if request.return_images else [], timings_ms=timings,
-            model=model.name, model_version=model.version, index_version=served.version, seed=seed,
-            num_samples=n,
+            products=products, images=list(drawn.images) if valid.return_images else [], timings_ms=timings,
+            model=valid.model.name, model_version=valid.model.version, index_version=served.version,
+            seed=valid.seed, num_samples=valid.num_samples,
         )
+
+    def draw(self, valid: ValidRequest, served: ServedIndex, deadline: Deadline) -> Drawn:
+        """Generate, embed and search `valid`'s samples in its model's next batch; returns its rows."""
+        model = valid.model
+        condition = model.generator.schema.encode(valid.attributes, require_all=False)  # validate() applied the rules
+        n = valid.num_samples
+        rows = BatchRequest(np.repeat(condition[None], n, axis=0), sample_seeds(valid.seed, n),
+                            served.embedder, served.index, valid.top_k, deadline.passed)
+        try:
+            return self.batchers[model.name].run(rows, deadline.remaining())
+        except Expired as expired:
+            deadline.refuse(expired.stage, f"model {model.name!r}'s batch queue "
+                                           f"(max_running_per_model = {self.limits.max_running_per_model})")
 
     # -- description (GetSchema) -------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -357,8 +377,9 @@ class RetrievalService:
         }
 
 
-def merge_products(index: IndexDirectory, queries: np.ndarray, rows: np.ndarray, k: int) -> list[Product]:
-    ranked, scores = merge_by_mean_similarity(index, queries, rows, k)
+def merge(index: IndexDirectory, vectors: np.ndarray, candidates: np.ndarray, k: int) -> list[Product]:
+    """The merge stage: the k best of all samples' `candidates` (index rows) as products."""
+    ranked, scores = merge_by_mean_similarity(index, vectors, candidates, k)
     chosen = index.product_rows(ranked.tolist())
     return [Product(id=row.pop("id"), score=float(s), attributes=row) for row, s in zip(chosen, scores)]
 
@@ -404,14 +425,14 @@ class Deadline:
             self.refuse(stage)
 
     def refuse(self, stage: str, queue: str = "the batch queue") -> NoReturn:
-        """Raise DeadlineExceeded naming where the request stopped ("queue": waiting in `queue`)."""
-        if stage == "queue":
-            where, stage = f"while it waited in {queue}", "generate"
+        """Raise DeadlineExceeded naming where the request stopped (stage QUEUE: while it waited in `queue`)."""
+        if stage == QUEUE:  # waiting is no work: what was not run starts at generate
+            where, stage = f"while it waited in {queue}", GENERATE
         else:
             where = f"before stage {stage!r}"
         raise DeadlineExceeded(
             f"the request's deadline ({self.seconds * 1000:.0f} ms) passed {where}; "
-            f"not run: {', '.join(STAGES[STAGES.index(stage):])}"
+            f"not run: {', '.join(WORK[WORK.index(stage):])}"
         )
 
 
@@ -454,6 +475,10 @@ def merge_by_mean_similarity(index: IndexDirectory, queries: np.ndarray, rows: n
     ids = index.products.column("id").take(candidates).to_pylist()
     order = sorted(range(len(candidates)), key=lambda i: (-mean_similarity[i], ids[i]))[:k]
     return candidates[order], mean_similarity[order]
+
+
+def milliseconds_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
 
 
 def describe_allowed(schema: AttributeSchema) -> str:

@@ -12,10 +12,10 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -53,7 +53,7 @@ class IndexWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="index-watcher", daemon=True)
 
-    def start(self) -> "IndexWatcher":
+    def start(self) -> IndexWatcher:
         self._thread.start()
         return self
 

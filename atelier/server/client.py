@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,7 +34,7 @@ class AtelierClient:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
 
-    def __enter__(self) -> "AtelierClient":
+    def __enter__(self) -> AtelierClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -54,7 +54,7 @@ class AtelierClient:
         top_k: int = 0,
         seed: int | None = None,
         return_images: bool = False,
-    ) -> "pb.GenerateAndRetrieveResponse":
+    ) -> pb.GenerateAndRetrieveResponse:
         request = pb.GenerateAndRetrieveRequest(
             attributes={k: pb.AttributeValues(values=[v] if isinstance(v, str) else list(v)) for k, v in attributes.items()},
             model=model, num_samples=num_samples, top_k=top_k, return_images=return_images,
@@ -63,10 +63,10 @@ class AtelierClient:
             request.seed = seed
         return self.stub.GenerateAndRetrieve(request, timeout=self.timeout)
 
-    def get_schema(self) -> "pb.GetSchemaResponse":
+    def get_schema(self) -> pb.GetSchemaResponse:
         return self.stub.GetSchema(pb.GetSchemaRequest(), timeout=self.timeout)
 
-    def reload_index(self) -> "pb.ReloadIndexResponse":
+    def reload_index(self) -> pb.ReloadIndexResponse:
         """Ask the server to serve the index version now published at its index path."""
         return self.stub.ReloadIndex(pb.ReloadIndexRequest(), timeout=self.timeout)
 

@@ -32,9 +32,9 @@ import os
 import re
 import ssl
 import stat
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import grpc
 
@@ -152,7 +152,7 @@ class SecurityConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     client_ca: Path | None = None
-    tokens: Mapping[str, Iterable[str]] | "TokenTable" = field(default_factory=dict, repr=False)
+    tokens: Mapping[str, Iterable[str]] | TokenTable = field(default_factory=dict, repr=False)
     open_health: bool = True
     open_reflection: bool = False
 

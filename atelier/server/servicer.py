@@ -27,13 +27,14 @@ from atelier.retrieval.service import (
     RetrievalRequest,
     RetrievalService,
 )
+from atelier.retrieval.stages import ENCODE
 from atelier.server.wire import pb, pb_grpc
 
 log = logging.getLogger("atelier.server")
 NO_DEADLINE = 1e8  # seconds; gRPC reports "no deadline" as a deadline years away
 
 
-def _values(value) -> "pb.AttributeValues":
+def _values(value) -> pb.AttributeValues:
     if value is None:
         return pb.AttributeValues(values=[])
     return pb.AttributeValues(values=[value] if isinstance(value, str) else list(value))
@@ -97,12 +98,12 @@ class AtelierServicer(pb_grpc.AtelierServicer):
             log.exception("GenerateAndRetrieve failed")
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         if time_remaining(context) == 0:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before stage 'encode'")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the request's deadline passed before stage {ENCODE!r}")
         start = time.perf_counter()
         images = [
             pb.GeneratedImage(png=encode_png(im), width=im.shape[1], height=im.shape[0]) for im in result.images
         ]
-        timings = {**result.timings_ms, "encode": (time.perf_counter() - start) * 1000}
+        timings = {**result.timings_ms, ENCODE: (time.perf_counter() - start) * 1000}
         return pb.GenerateAndRetrieveResponse(
             products=[
                 pb.Product(id=p.id, score=p.score, attributes={k: _values(v) for k, v in p.attributes.items()})

@@ -13,8 +13,7 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from atelier.catalog.fashion_mnist import CLASS_NAMES
-
-STAGES = {"validate", "queue", "generate", "embed", "search", "merge", "encode"}
+from atelier.retrieval import stages
 
 
 def test_generate_and_retrieve_end_to_end(client, service):
@@ -29,7 +28,7 @@ def test_generate_and_retrieve_end_to_end(client, service):
         pixels = cv2.imdecode(np.frombuffer(image.png, np.uint8), cv2.IMREAD_UNCHANGED)
         assert image.png.startswith(b"\x89PNG") and pixels.shape[:2] == (image.height, image.width) == (28, 28)
     timings = {t.stage: t.milliseconds for t in response.timings}
-    assert set(timings) == STAGES and all(ms >= 0 for ms in timings.values())
+    assert set(timings) == set(stages.ALL) and all(ms >= 0 for ms in timings.values())
     assert response.model == "cgan" and response.model_version.startswith("cgan:")
     assert response.index_version == service.index.version and response.seed == 42 and response.num_samples == 3
 

@@ -8,16 +8,15 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import publish_vectors, random_unit_vectors
 
 from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue, write_catalogue
 from atelier.catalog.fashion_mnist import SCHEMA
-from atelier.indexer.index_directory import IndexDirectory, write_index_directory
+from atelier.indexer.index_directory import IndexDirectory
 from atelier.indexer.runner import reindex
 from atelier.indexer.writer import TooManyFailures
 from atelier.retrieval.service import merge_by_mean_similarity
-
-from conftest import random_unit_vectors
 
 EMBEDDER = {"name": "test", "input_size": 32, "dim": 64, "weights_sha256": "0" * 64}
 
@@ -27,7 +26,7 @@ def _products(n):
 
 
 def _publish(dest, vectors):
-    return write_index_directory(dest, vectors, _products(len(vectors)), EMBEDDER, SCHEMA, {"name": "t", "fingerprint": "f"})
+    return publish_vectors(dest, vectors, _products(len(vectors)), EMBEDDER, SCHEMA, {"name": "t", "fingerprint": "f"})
 
 
 def test_faiss_search_equals_brute_force(tmp_path):
@@ -73,7 +72,7 @@ def test_killed_index_build_leaves_previous_index_loadable(tmp_path, small_catal
     command = [sys.executable, "-m", "atelier.cli", "index", "--catalogue", str(small_catalogue), "--out", str(dest),
                "--input-size", "224", "--batch-size", "16", "--quiet"]
     # On a free CPU the 160 px build used to finish at about 9 s, racing the last kill: the
-    # build is now larger and the kills earlier (tests/test_crash_safety.py has exact points).
+    # build is now larger and the kills earlier (tests/test_artifacts.py has exact points).
     for delay in (0.5, 2.0, 4.0):
         job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)

@@ -3,7 +3,7 @@
 Whatever a client sends, the answer is OK or a status that blames the request (never INTERNAL),
 the server stays up, and its memory does not grow with the number of requests. Run alone with
 
-    OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_fuzz.py -q -s    # -s prints the counts and RSS
+    OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_servicer_fuzz.py -q -s    # -s prints the counts and RSS
 
 Tests run in file order: the first records the RSS after a warm-up, the last compares.
 """

@@ -408,7 +408,7 @@ class Load:
         with self.lock:
             return sum(1 for a, _, _ in self.results if a == after)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         wait_until(lambda: self.count(False) >= 2 * len(self.threads), "requests before the swap")

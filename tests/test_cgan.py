@@ -51,7 +51,8 @@ def test_condition_changes_the_sample():
 def test_checkpoint_reloads_to_identical_samples_and_holds_no_pickle(tiny_model):
     folder = artifacts.resolve(tiny_model)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "discriminator.safetensors", "manifest.json", "samples.png", "weights.safetensors"]
+        "config.json", "discriminator.safetensors", "manifest.json", "optimizer_d.safetensors", "optimizer_g.safetensors",
+        "samples.png", "weights.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     assert config["family"] == "cgan" and config["schema"] == SCHEMA.to_dict()
     model, manifest = load_generator(tiny_model)

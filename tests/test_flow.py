@@ -1,0 +1,160 @@
+"""Conditional flow matching: the loss by hand, guidance, EMA, exact resume, partial requests,
+and serving (batched equals alone, over the real gRPC server)."""
+
+import numpy as np
+import pytest
+import torch
+
+from atelier.catalog.schema import AttributeGroup, AttributeSchema
+from atelier.generator.checkpoint import load_extra, load_generator, save_checkpoint
+from atelier.generator.flow import Flow, FlowConfig, flow_matching_loss, training_condition
+
+SCHEMA = AttributeSchema((AttributeGroup("type", ("Shirt", "Dress", "Bag")), AttributeGroup("colour", ("Red", "Blue"))))
+TINY = dict(image_size=8, channels=1, width=8, multipliers=(1, 2), embed_dim=4, sample_steps=3)
+
+
+def tiny(**overrides) -> Flow:
+    torch.manual_seed(0)
+    model = Flow(SCHEMA, FlowConfig(**{**TINY, **overrides}))
+    for p in model.parameters():  # the zero-initialised output layers would make every velocity 0
+        torch.nn.init.normal_(p, std=0.1)
+    return model.eval()
+
+
+def condition(*rows) -> torch.Tensor:
+    return torch.from_numpy(np.stack([SCHEMA.encode(r, require_all=False) for r in rows]))
+
+
+def test_loss_is_the_squared_error_to_the_straight_path_velocity():
+    model = tiny()
+    real, noise = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    cond = condition({"type": "Shirt"}, {"colour": "Red"}, {}, {"type": "Bag", "colour": "Blue"})
+    x_t = torch.stack([(1 - t[i]) * noise[i] + t[i] * real[i] for i in range(4)])
+    expected = ((model.velocity(x_t, t, cond) - (real - noise)) ** 2).mean()
+    assert torch.allclose(flow_matching_loss(model, real, cond, noise, t), expected)
+    # at t = 1 the input is the real image itself, at t = 0 the noise
+    assert torch.equal(x_t[3], real[3]) and torch.equal(x_t[0], noise[0])
+
+
+def test_guidance_mixes_conditional_and_unconditional_velocities():
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.7])
+    cond = condition({"type": "Dress", "colour": "Red"}, {"type": "Bag"})
+    base = tiny()
+    v_c, v_u = base.velocity(x, t, cond), base.velocity(x, t, torch.zeros_like(cond))
+    for w, expected in ((1.0, v_c), (0.0, v_u), (3.0, v_u + 3.0 * (v_c - v_u))):
+        model = tiny(guidance=w)
+        assert torch.allclose(model.guided_velocity(x, t, cond), expected, atol=1e-5)
+    # composed: one pull per named group; a request naming one group is the joint guidance
+    one = condition({"type": "Bag"})
+    joint, composed = tiny(guidance=2.0), tiny(guidance=2.0, compose="groups")
+    assert torch.allclose(joint.guided_velocity(x[:1], t[:1], one), composed.guided_velocity(x[:1], t[:1], one),
+                          atol=1e-5)
+    v_type = base.velocity(x[:1], t[:1], condition({"type": "Dress"}))
+    v_colour = base.velocity(x[:1], t[:1], condition({"colour": "Red"}))
+    expected = v_u[:1] + 2.0 * ((v_type - v_u[:1]) + (v_colour - v_u[:1]))
+    assert torch.allclose(composed.guided_velocity(x[:1], t[:1], cond[:1]), expected, atol=1e-5)
+
+
+def test_dropout_keeps_or_zeroes_whole_groups():
+    torch.manual_seed(1)
+    cond = condition(*[{"type": "Dress", "colour": "Blue"}] * 400)
+    dropped = training_condition(cond, [3, 2], group_p=0.3, all_p=0.2)
+    type_kept, colour_kept = dropped[:, :3].sum(1), dropped[:, 3:].sum(1)
+    assert set(type_kept.tolist()) <= {0.0, 1.0} and set(colour_kept.tolist()) <= {0.0, 1.0}
+    assert 0 < (type_kept == 0).float().mean() < 1 and ((type_kept == 0) & (colour_kept == 0)).any()
+    assert torch.equal(training_condition(cond, [3, 2], 0.0, 0.0), cond)
+
+
+def test_the_model_is_the_moving_average_of_the_trained_copy():
+    model = tiny(ema_decay=0.5, warmup_steps=1)
+    trainer = Flow.Trainer(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    images, cond = torch.rand(4, 1, 8, 8) * 2 - 1, condition(*[{"type": "Shirt", "colour": "Red"}] * 4)
+    trainer.step(images, cond)
+    decay = min(0.5, 1 / 10)  # the first step's warm-up decay
+    for ema, old, trained in zip(model.parameters(), before, trainer.online.parameters()):
+        assert torch.allclose(ema, decay * old + (1 - decay) * trained, atol=1e-6)
+    assert int(model.trained_steps) == int(trainer.online.trained_steps) == 1
+
+
+def test_resume_continues_exactly_from_the_saved_weights_and_optimizer(tmp_path):
+    model = tiny()
+    trainer = Flow.Trainer(model)
+    images, cond = torch.rand(8, 1, 8, 8) * 2 - 1, condition(*[{"type": "Bag", "colour": "Blue"}] * 8)
+    for _ in range(3):
+        trainer.step(images, cond)
+    save_checkpoint(model, tmp_path / "ck", {"epochs": 1}, extra=trainer.extra_state())
+    loaded, _ = load_generator(tmp_path / "ck")
+    resumed = Flow.Trainer(loaded)
+    for name, module in resumed.extra_state().items():
+        assert load_extra(tmp_path / "ck", name, module), name
+    assert int(resumed.opt.state_dict()["state"][0]["step"]) == 3
+    torch.manual_seed(7)
+    trainer.step(images, cond)
+    torch.manual_seed(7)
+    resumed.step(images, cond)
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(trainer.online.parameters(), resumed.online.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_request_may_name_any_subset_of_the_groups():
+    model = tiny()
+    assert model.accepts_partial
+    for attributes in ({"type": "Dress"}, {"colour": "Red"}, {}, {"type": "Shirt", "colour": "Blue"}):
+        images = model.sample(attributes, n=2, seed=3)
+        assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
+        assert np.array_equal(images, model.sample(attributes, n=2, seed=3))  # deterministic in the seed
+    assert not np.array_equal(model.sample({"type": "Dress"}, 2, 3), model.sample({"type": "Bag"}, 2, 3))
+
+
+def test_unknown_options_are_refused():
+    with pytest.raises(ValueError, match="unknown solver 'rk9'; allowed: euler, midpoint, heun"):
+        Flow(SCHEMA, FlowConfig(**{**TINY, "solver": "rk9"}))
+    with pytest.raises(ValueError, match="cannot be halved"):
+        Flow(SCHEMA, FlowConfig(**{**TINY, "image_size": 7}))
+
+
+@pytest.fixture(scope="module")
+def flow_service(tmp_path_factory, small_catalogue, small_index):
+    from atelier.generator.train import TrainConfig, train
+    from atelier.retrieval.service import RetrievalService
+
+    out = tmp_path_factory.mktemp("flow") / "model"
+    train(TrainConfig(catalogue=small_catalogue, out=out, model="flow", epochs=1, batch_size=16, max_steps=2,
+                      progress=False, model_overrides={"width": 8, "sample_steps": 2}))
+    return RetrievalService.open(small_index, {"flow": out})
+
+
+def test_flow_serves_batched_as_alone_and_over_grpc(flow_service):
+    from atelier.retrieval.batching import BatchPolicy
+    from atelier.retrieval.service import RetrievalRequest, RetrievalService
+    from atelier.server.app import start_server
+    from atelier.server.client import AtelierClient
+    from tests.test_batching import all_at_once, same
+
+    requests = [RetrievalRequest({"category": c}, num_samples=n, top_k=4, seed=s, return_images=True)
+                for c, n, s in (("Coat", 3, 1), ("Bag", 6, 2), ("Sneaker", 1, 3))]
+
+    def service(**policy):
+        return RetrievalService(flow_service.index, flow_service.embedder, flow_service.models, flow_service.limits,
+                                batching=BatchPolicy(**policy))
+
+    alone = [service(max_wait_ms=0).generate_and_retrieve(r) for r in requests]
+    together_service = service(max_wait_ms=60_000, max_batch_rows=10)
+    together = all_at_once(together_service.generate_and_retrieve, requests)
+    assert together_service.batchers["flow"].batches == 1
+    for a, b in zip(alone, together):
+        same(a, b)
+    server = start_server(flow_service)
+    try:
+        with AtelierClient(server.target) as client:
+            client.wait_ready()
+            response = client.generate_and_retrieve({"category": "Coat"}, num_samples=3, top_k=4, seed=1,
+                                                    return_images=True)
+    finally:
+        server.stop()
+    assert [p.id for p in response.products] == [p.id for p in alone[0].products]
+    assert len(response.images) == 3
