@@ -102,6 +102,9 @@ def test_eval_command_writes_json_markdown_and_html_with_inception_fid(stack, tm
     report = json.loads((out / "report.json").read_text())
     assert report["fid_network"]["sha256"] and report["results"]["tiny"]["fid_inception"] > 0
     assert "kid_inception" in report["results"]["tiny"] and report["results"]["tiny"]["fid_images"] == 8
+    pr = report["results"]["tiny"]["precision_recall_inception"]
+    assert set(pr) == {"precision", "recall", "density", "coverage"} and 0 <= pr["precision"] <= 1
+    assert "precision_recall_inception" in report["results"][REAL] and "precision / recall (Inception)" in printed
     assert report["command"].startswith("atelier ")
     html = (out / "report.html").read_text()
     assert "tiny" in html and "data:image/png;base64," in html and "Compositional hold-out" in html

@@ -449,3 +449,30 @@ def test_fid_on_real_images_agrees_with_pytorch_fid(tmp_path, shared_data, incep
     print(f"FID ours {fid_ours:.6f} pytorch-fid {fid_theirs:.6f} relative difference {fid_ours / fid_theirs - 1:.2e}")
     assert fid_ours > 50  # T-shirts and sneakers are far apart
     assert fid_ours == pytest.approx(fid_theirs, rel=1e-3)
+
+
+def test_precision_recall_tell_fidelity_from_diversity():
+    from atelier.evaluation.metrics import precision_recall
+
+    rng = np.random.default_rng(3)
+    real = rng.standard_normal((400, 4))
+    same = precision_recall(real, rng.standard_normal((400, 4)))
+    assert same["precision"] > 0.8 and same["recall"] > 0.8 and 0.7 < same["density"] < 1.3 and same["coverage"] > 0.8
+    collapsed = precision_recall(real, rng.standard_normal((400, 4)) * 0.05)  # faithful, but one mode
+    assert collapsed["precision"] > 0.9 and collapsed["recall"] < 0.1 and collapsed["coverage"] < 0.2
+    off = precision_recall(real, rng.standard_normal((400, 4)) + 10)  # varied, but nothing like the real
+    assert off["precision"] == 0.0 and off["density"] == 0.0 and off["coverage"] == 0.0
+
+
+def test_precision_recall_by_hand():
+    from atelier.evaluation.metrics import precision_recall
+
+    real = np.array([[0.0], [1.0], [2.0], [10.0]])  # k=1 radii: 1, 1, 1, 8
+    generated = np.array([[0.5], [20.0], [20.5], [21.0]])  # k=1 radii: 20, 0.5, 0.5, 0.5
+    r = precision_recall(real, generated, k=1)
+    # generated 0.5 lies in real balls 0 and 1; the others in none
+    assert r["precision"] == 0.25 and r["density"] == 0.5 and r["coverage"] == 0.5
+    # real 0, 1, 2 and 10 lie in the ball of radius 19.5 around 0.5
+    assert r["recall"] == 1.0
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        precision_recall(real, np.zeros((4, 2)), k=1)

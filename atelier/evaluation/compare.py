@@ -35,7 +35,13 @@ import numpy as np
 from atelier.catalog.catalogue import Catalogue
 from atelier.catalog.images import image_grid
 from atelier.evaluation.conditioning import combinations_in_index, mean_pairwise_cosine_distance, score
-from atelier.evaluation.metrics import FeatureStatistics, frechet_distance, inception_score, kernel_inception_distance
+from atelier.evaluation.metrics import (
+    FeatureStatistics,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
 from atelier.evaluation.report_html import write_html
 from atelier.evaluation.retrieval_quality import evaluate_retrieval
 from atelier.generator.base import ConditionalGenerator
@@ -164,6 +170,7 @@ class Evaluation:
                 train_inception = inception.features(images[some], progress=s.progress)
                 real["fid_inception"] = frechet_distance(FeatureStatistics.of(train_inception), inception_real_stats)
                 real["kid_inception"] = self._kid(train_inception, inception_real)
+                real["precision_recall_inception"] = precision_recall(inception_real, train_inception)
         real_rows = self._real_per_condition(attrs, test, rng)
         real.update(self._condition_measures(real_rows["asked"], real_rows["features"], real_rows["probs"],
                                              real_rows["sizes"]))
@@ -271,6 +278,7 @@ class Evaluation:
             mine = inception.features(images[: s.fid_images], progress=s.progress)
             result["fid_inception"] = frechet_distance(FeatureStatistics.of(mine), inception_real_stats)
             result["kid_inception"] = self._kid(mine, inception_real)
+            result["precision_recall_inception"] = precision_recall(inception_real, mine)
             result["fid_images"] = len(mine)
         del images
         # per condition: `samples` images each (seeds fixed per condition), judged
@@ -340,7 +348,7 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                 "held-out accuracy", [*judge["test_accuracy"]], [[_f(a) for a in judge["test_accuracy"].values()]]))
     inception = report["fid_network"] is not None
     head = ["model", f"IS ({cls})", "FID (judge)", "intra-FID (judge)"]
-    head += ["FID (Inception)", "KID x1e3 (Inception)"] if inception else []
+    head += ["FID (Inception)", "KID x1e3 (Inception)", "precision / recall (Inception)"] if inception else []
     head += [*(f"{g} acc." for g in both), "diversity"]
     rows = []
     for name, r in results.items():
@@ -350,7 +358,9 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
             kid = r.get("kid_inception")
             # with as many images as the subset size every subset is the whole set: no spread to show
             spread = f" ± {_f(kid['std'] * 1e3, 1)}" if kid and kid["std"] > 1e-9 else ""
-            row += [_f(r.get("fid_inception"), 1), f"{_f(kid['mean'] * 1e3, 1)}{spread}" if kid else "-"]
+            pr = r.get("precision_recall_inception")
+            row += [_f(r.get("fid_inception"), 1), f"{_f(kid['mean'] * 1e3, 1)}{spread}" if kid else "-",
+                    f"{_f(pr['precision'])} / {_f(pr['recall'])}" if pr else "-"]
         accuracy = r.get("accuracy") or {}
         row += [*(_f(accuracy.get(g)) for g in both), _f(r.get("diversity"))]
         rows.append(row)

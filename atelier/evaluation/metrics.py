@@ -11,6 +11,15 @@
 - Kernel Inception Distance (Binkowski et al. 2018, "Demystifying MMD GANs"): the unbiased
   MMD^2 between the feature sets under the cubic kernel k(x, y) = (x.y / d + 1)^3, averaged
   over random subsets. Unbiased, so it can go below 0 and has no small-sample bias (FID does).
+- Precision and recall in feature space (Kynkaanniemi et al. 2019, "Improved Precision and
+  Recall Metric for Assessing Generative Models"): each set's manifold is the union of balls
+  around its points, each ball reaching the point's k-th nearest neighbour in its own set;
+  precision is the share of generated points inside the real manifold (fidelity), recall the
+  share of real points inside the generated one (diversity). Density and coverage (Naeem et
+  al. 2020) come from the same distances: density counts how many real balls hold each
+  generated point (divided by k, so 1 for a model that matches the real distribution), coverage
+  is the share of real balls that hold at least one generated point. FID mixes fidelity and
+  diversity into one number; these tell them apart.
 
 The Inception features themselves come from `atelier.evaluation.fid_inception`.
 """
@@ -210,3 +219,42 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 100, 
         ib = rng.choice(y.shape[0], size, replace=False)
         values[k] = mmd2_unbiased(x[ia], y[ib])
     return float(values.mean()), float(values.std())
+
+
+def _pairwise_distances(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Euclidean distances (len(a), len(b)), a chunk of rows at a time (bounded memory per step)."""
+    b_sq = (b * b).sum(axis=1)
+    out = np.empty((len(a), len(b)))
+    for start in range(0, len(a), chunk):
+        x = a[start : start + chunk]
+        squared = (x * x).sum(axis=1)[:, None] - 2 * x @ b.T + b_sq[None]
+        out[start : start + chunk] = np.sqrt(np.maximum(squared, 0.0))
+    return out
+
+
+def _radii(x: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each row to its k-th nearest other row of the same set."""
+    distances = _pairwise_distances(x, x)
+    np.fill_diagonal(distances, np.inf)
+    return np.partition(distances, k - 1, axis=1)[:, k - 1]
+
+
+def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = 3) -> dict[str, float]:
+    """Precision, recall, density and coverage of `generated` against `real` features (see above)."""
+    real = _as_features("real features", real, minimum_rows=k + 1)
+    generated = _as_features("generated features", generated, minimum_rows=k + 1)
+    if real.shape[1] != generated.shape[1]:
+        raise ValueError(f"feature dimensions differ: real {real.shape[1]}, generated {generated.shape[1]}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    real_radii, generated_radii = _radii(real, k), _radii(generated, k)
+    cross = _pairwise_distances(generated, real)  # (generated, real)
+    inside_real = cross <= real_radii[None, :]  # generated point i lies in real ball j
+    inside_generated = cross <= generated_radii[:, None]  # real point j lies in generated ball i
+    return {
+        "precision": float(inside_real.any(axis=1).mean()),
+        "recall": float(inside_generated.any(axis=0).mean()),
+        "density": float(inside_real.sum(axis=1).mean() / k),
+        "coverage": float(inside_real.any(axis=0).mean()),
+    }
+

@@ -7,10 +7,16 @@ H*W values and appended to the image as one extra channel; strided convolutions 
 real/fake logit. Loss: the non-saturating GAN loss (BCE on logits) with one-sided label
 smoothing; Adam 2e-4, beta1 0.5 (the seed's settings). The hinge loss is an option (it is
 the usual partner of the projection discriminator in atelier.generator.mcgan).
+
+Two modern options, off by default so that the seed's recipe stays what it was
+(atelier.generator.recipes): `ema_decay` > 0 serves a moving average of the trained generator,
+and `augment` puts real and generated images through the same differentiable augmentation
+(DiffAugment) before D.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +27,7 @@ from atelier.catalog.schema import AttributeSchema
 from atelier.generator.base import ConditionalGenerator, register
 from atelier.generator.checkpoint import OptimizerState
 from atelier.generator.conditioning import ConditionEmbedding
+from atelier.generator.recipes import diff_augment, ema_update, parse_policy
 
 
 @dataclass
@@ -36,6 +43,8 @@ class CGANConfig:
     real_label: float = 0.9  # one-sided label smoothing keeps D from saturating early (bce only)
     loss: str = "bce"  # "bce" (non-saturating) or "hinge"
     mode_seeking: float = 0.0  # weight of MSGAN's mode-seeking term (against within-condition collapse)
+    ema_decay: float = 0.0  # > 0: the checkpoint's weights are this moving average of the trained ones
+    augment: str = ""  # DiffAugment policy before D, e.g. "color,translation,cutout"; "": none
 
 
 def upsampling_plan(image_size: int) -> tuple[int, int]:
@@ -139,11 +148,15 @@ LOSSES = ("bce", "hinge")
 
 
 class CGANTrainer:
-    """One adversarial step at a time; owns D and both optimisers."""
+    """One adversarial step at a time; owns D and both optimisers (and, with EMA, the trained G)."""
 
     def __init__(self, generator: CGAN, discriminator: nn.Module | None = None):
         cfg = generator.config
-        self.g = generator
+        if not 0.0 <= cfg.ema_decay < 1.0:
+            raise ValueError(f"ema_decay {cfg.ema_decay} must be in [0, 1) (0: no moving average)")
+        self.policy = parse_policy(cfg.augment)
+        self.served = generator  # what the checkpoint saves and serving samples
+        self.g = copy.deepcopy(generator) if cfg.ema_decay else generator  # what the optimiser trains
         device = next(generator.parameters()).device
         self.d = (discriminator or generator.make_discriminator()).to(device)
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
@@ -160,14 +173,14 @@ class CGANTrainer:
         fake = self.g(z, fake_condition)
 
         self.opt_d.zero_grad(set_to_none=True)
-        real_logits = self.d(real, condition)
-        fake_logits = self.d(fake.detach(), fake_condition)
+        real_logits = self.d(diff_augment(real, self.policy), condition)
+        fake_logits = self.d(diff_augment(fake.detach(), self.policy), fake_condition)
         loss_d = discriminator_loss(self.loss, real_logits, fake_logits, self.real_label)
         loss_d.backward()
         self.opt_d.step()
 
         self.opt_g.zero_grad(set_to_none=True)
-        loss_g = generator_loss(self.loss, self.d(fake, fake_condition))
+        loss_g = generator_loss(self.loss, self.d(diff_augment(fake, self.policy), fake_condition))
         stats = {}
         if self.mode_seeking:
             # MSGAN (Mao et al. 2019): two z under one condition should give two different images;
@@ -177,13 +190,18 @@ class CGANTrainer:
             stats["ms_ratio"] = ratio.item()
         loss_g.backward()
         self.opt_g.step()
+        if self.g is not self.served:
+            ema_update(self.served, self.g, self.g.config.ema_decay)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), **stats,
                 "d_real": torch.sigmoid(real_logits).mean().item(), "d_fake": torch.sigmoid(fake_logits).mean().item()}
 
     def extra_state(self) -> dict[str, nn.Module]:
         """Modules besides the generator that a resumed run needs (saved beside the weights)."""
-        return {"discriminator": self.d, "optimizer_g": OptimizerState(self.opt_g),
-                "optimizer_d": OptimizerState(self.opt_d)}
+        extra = {"discriminator": self.d, "optimizer_g": OptimizerState(self.opt_g),
+                 "optimizer_d": OptimizerState(self.opt_d)}
+        if self.g is not self.served:
+            extra["online"] = self.g  # the trained weights; the checkpoint's own are their average
+        return extra
 
 
 CGAN.Trainer = CGANTrainer

@@ -43,6 +43,7 @@ from atelier.catalog.schema import AttributeSchema
 from atelier.generator.base import ConditionalGenerator, register
 from atelier.generator.checkpoint import OptimizerState
 from atelier.generator.conditioning import ConditionEmbedding, drop_groups
+from atelier.generator.recipes import ema_update
 
 SOLVERS = ("euler", "midpoint", "heun")
 TIME_SAMPLING = ("logit-normal", "uniform")
@@ -317,10 +318,7 @@ class FlowTrainer:
         self.opt.step()
         online.trained_steps += 1
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # a short warm-up: early weights fade fast
-        with torch.no_grad():
-            for ema, p in zip(self.model.parameters(), online.parameters()):
-                ema.lerp_(p, 1 - decay)
-            self.model.trained_steps.copy_(online.trained_steps)
+        ema_update(self.model, online, decay)  # its buffer trained_steps is copied too
         return {"loss": loss.item(), "grad_norm": float(grad_norm)}
 
     def extra_state(self) -> dict[str, nn.Module]:
