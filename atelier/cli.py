@@ -374,7 +374,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     settings = EvalSettings(samples=args.samples, min_products=args.min_products, ks=tuple(args.ks),
                             is_images=args.is_images, is_splits=args.is_splits, fid_images=args.fid_images,
                             retrieval_samples=args.retrieval_samples, retrieval_repeats=args.retrieval_repeats,
-                            seed=args.seed, progress=not args.quiet)
+                            seed=args.seed, progress=not args.quiet,
+                            feature_cache=None if args.feature_cache == "none" else args.feature_cache)
     report, visuals = compare_models(args.index, args.catalogue, parse_models(args.model), args.judge, settings)
     report["command"] = "atelier " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     paths = write_report(report, visuals, args.out)
@@ -384,6 +385,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _eval_parser(verbs) -> None:
+    from atelier.evaluation.compare import EvalSettings
+
     p = verbs.add_parser(
         "eval", help="evaluate models: IS, FID/KID, conditioning accuracy, diversity, retrieval precision@k",
         description="Grades each model with an independent judge (from `atelier train-attributes`): Inception "
@@ -403,6 +406,9 @@ def _eval_parser(verbs) -> None:
     p.add_argument("--min-products", type=int, default=20, help="combinations with fewer products are skipped")
     p.add_argument("--is-images", type=int, default=20_000, help="images for IS and FID on judge features (default 20000)")
     p.add_argument("--is-splits", type=int, default=5, help="IS splits (default 5)")
+    p.add_argument("--feature-cache", default=EvalSettings.feature_cache, metavar="DIR",
+                   help="keep the real images' Inception features here, per catalogue, rows and network "
+                        f"(default {EvalSettings.feature_cache}; 'none': compute them every run)")
     p.add_argument("--fid-images", type=int, default=2_000,
                    help="images per model for TF-Inception FID/KID (default 2000; 0 skips the Inception network)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="precision@k cut-offs (default 1 5 10)")

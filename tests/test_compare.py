@@ -91,11 +91,12 @@ def test_eval_command_writes_json_markdown_and_html_with_inception_fid(stack, tm
         from conftest import missing
 
         missing(str(error))
-    out = tmp_path / "report"
-    code = main(["eval", "--index", str(stack / "index"), "--catalogue", str(stack / "apparel"), "--judge",
-                 str(stack / "judge"), "--model", f"tiny={stack / 'mcgan'}", "--samples", "2", "--min-products", "4",
-                 "--is-images", "20", "--is-splits", "2", "--fid-images", "8", "--retrieval-samples", "2",
-                 "--out", str(out), "--quiet"])
+    out, cache = tmp_path / "report", tmp_path / "cache"
+    args = ["eval", "--index", str(stack / "index"), "--catalogue", str(stack / "apparel"), "--judge",
+            str(stack / "judge"), "--model", f"tiny={stack / 'mcgan'}", "--samples", "2", "--min-products", "4",
+            "--is-images", "20", "--is-splits", "2", "--fid-images", "8", "--retrieval-samples", "2",
+            "--feature-cache", str(cache), "--quiet"]
+    code = main([*args, "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| tiny |" in printed and f"| {REAL} |" in printed and "FID (Inception)" in printed
@@ -105,6 +106,15 @@ def test_eval_command_writes_json_markdown_and_html_with_inception_fid(stack, tm
     pr = report["results"]["tiny"]["precision_recall_inception"]
     assert set(pr) == {"precision", "recall", "density", "coverage"} and 0 <= pr["precision"] <= 1
     assert "precision_recall_inception" in report["results"][REAL] and "precision / recall (Inception)" in printed
+    # the real images' features were cached (test rows, train rows); a second run reads them back
+    cached = sorted(cache.glob("*.npy"))
+    assert len(cached) == 2 and all(np.load(f).shape == (8, 2048) for f in cached)
+    for f in cached:
+        np.save(f, np.load(f) + 1.0)  # the same shift on both sides: the floor FID stays, KID too
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())["results"]
+    assert again[REAL]["fid_inception"] == pytest.approx(report["results"][REAL]["fid_inception"], rel=1e-6)
+    assert again["tiny"]["fid_inception"] != pytest.approx(report["results"]["tiny"]["fid_inception"], rel=1e-3)
     assert report["command"].startswith("atelier ")
     html = (out / "report.html").read_text()
     assert "tiny" in html and "data:image/png;base64," in html and "Compositional hold-out" in html

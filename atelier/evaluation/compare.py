@@ -21,6 +21,7 @@ Writes report.json, report.md and report.html (grids, per-condition rows, retrie
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -67,6 +68,9 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 250
     progress: bool = True
+    # real images' Inception features are kept here, keyed by catalogue, rows and network, so the
+    # reference is computed once per catalogue; None: not cached
+    feature_cache: str | None = str(Path("~/.cache/atelier/inception").expanduser())
 
 
 def generate(model: ConditionalGenerator, conditions: list[dict[str, Any]], seed: int, batch_size: int,
@@ -155,7 +159,7 @@ class Evaluation:
         asked_mix = [{g: attrs[i][g] for g in self.groups} for i in draw]  # the real label mix, N times
         inception = self._inception() if s.fid_images else None
         fid_real_rows = rng.choice(test, size=min(s.fid_images, len(test)), replace=False) if inception else None
-        inception_real = inception.features(images[fid_real_rows], progress=s.progress) if inception else None
+        inception_real = self._real_features(inception, images, fid_real_rows, attrs) if inception else None
         inception_real_stats = FeatureStatistics.of(inception_real) if inception else None
 
         real: dict[str, Any] = {"images": len(test)}
@@ -167,7 +171,7 @@ class Evaluation:
             real["fid_judge_images"] = len(floor_rows)
             if inception:
                 some = floor_rows[: len(fid_real_rows)]
-                train_inception = inception.features(images[some], progress=s.progress)
+                train_inception = self._real_features(inception, images, some, attrs)
                 real["fid_inception"] = frechet_distance(FeatureStatistics.of(train_inception), inception_real_stats)
                 real["kid_inception"] = self._kid(train_inception, inception_real)
                 real["precision_recall_inception"] = precision_recall(inception_real, train_inception)
@@ -204,6 +208,24 @@ class Evaluation:
         return report, visuals
 
     # -- pieces ---------------------------------------------------------------------------------
+    def _real_features(self, inception, images: np.ndarray, rows: np.ndarray, attrs: list[dict]) -> np.ndarray:
+        """Inception features of real catalogue images, from the cache when this catalogue's same
+        rows went through the same network before."""
+        ids = [attrs[i]["id"] for i in rows]
+        key = hashlib.sha256(json.dumps([self.catalogue.fingerprint, inception.sha256, ids]).encode()).hexdigest()
+        path = Path(self.settings.feature_cache) / f"{self.catalogue.name}-{key[:20]}.npy" \
+            if self.settings.feature_cache else None
+        if path is not None and path.is_file():
+            return np.load(path)
+        features = inception.features(images[rows], progress=self.settings.progress)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.partial")  # a killed run never leaves half a file
+            with open(partial, "wb") as handle:
+                np.save(handle, features)
+            os.replace(partial, path)
+        return features
+
     def _inception(self):
         from atelier.evaluation.fid_inception import FidInception
 
