@@ -57,7 +57,7 @@ setup_weights_and_code() {
   "$VENV/bin/python" - <<'PY'
 from pathlib import Path
 import torch
-from atelier.indexer.backbone import MOBILENET_V2_FILE, WeightsUnavailable, install_mobilenet_v2_weights
+from atelier.pretrained import MOBILENET_V2_FILE, WeightsUnavailable, install_mobilenet_v2_weights
 if not (Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_V2_FILE).is_file():
     try:
         print("[setup] mobilenet_v2 weights ->", install_mobilenet_v2_weights())

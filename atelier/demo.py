@@ -3,7 +3,13 @@
 import the catalogue(s) -> train the generator within a time budget (fine-tuning the committed
 checkpoint when there is one) or take a checkpoint as is -> index the catalogue -> start the
 real gRPC server on a free localhost port -> GenerateAndRetrieve for each query through the
-gRPC client -> a table, attribute precision@k per group, an HTML report and the sample grid.
+gRPC client -> a table, attribute precision@k per group, the drawings' spread beside real
+products', an HTML report and the sample grid.
+
+Spread: the mean pairwise RMS distance between the grey pixels (in [0, 1]) of one query's
+drawings, averaged over the queries, beside the same for as many real products with the asked
+attributes (drawn from the training catalogue with the query's seed). A generator that draws
+one image per class scores near 0; one as varied as the catalogue scores near the real value.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from atelier import artifacts
 from atelier.catalog import Catalogue, run_import
+from atelier.catalog.images import decode_image
 from atelier.generator.train import TrainConfig, train
 from atelier.indexer.embedders import Embedder, build_embedder, embedder_for_catalogue
 from atelier.indexer.runner import reindex
@@ -128,14 +136,19 @@ def run_demo(out: Path, dataset: str = "fashion-mnist", train_seconds: float = 1
 
     precision = attribute_precision(rows, spec.top_k)
     chance = random_precision(rows, service.index.products)
+    spread = {"drawings": mean_spread([r["images"] for r in rows], train_catalogue.image_channels),
+              "real_products": real_spread(train_catalogue, [r["asked"] for r in rows], num_samples, seed)}
     print()
     print(format_table(rows, spec.top_k))
     print()
     for group, value in precision.items():
         label = f"precision@{spec.top_k}" if len(precision) == 1 else f"precision@{spec.top_k} {group}"
         print(f"{label}: {value:.3f}  (random products: {chance[group]:.3f})")
+    print(f"spread of the drawings: {spread['drawings']:.3f}  (real products: {spread['real_products']:.3f}, "
+          f"ratio {spread['drawings'] / max(spread['real_products'], 1e-12):.2f})")
     results = {
         "dataset": dataset, "precision_at_k": precision, "random_precision_at_k": chance, "top_k": spec.top_k,
+        "spread": spread,
         "health": health,
         "num_samples": num_samples, "embedder": embedder.describe(), "index_products": len(index_catalogue),
         "model": str(model_dir),
@@ -144,7 +157,7 @@ def run_demo(out: Path, dataset: str = "fashion-mnist", train_seconds: float = 1
         "queries": [{k: v for k, v in r.items() if k != "images"} for r in rows],
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_report(out / "report.html", rows, index_catalogue, precision, spec.top_k, grid)
+    write_report(out / "report.html", rows, index_catalogue, precision, spec.top_k, grid, spread)
     _say(f"report: {out / 'report.html'}; grid: {grid}; results: {out / 'results.json'} ({results['seconds']} s in all)")
     return results
 
@@ -213,6 +226,34 @@ def attribute_precision(rows: list[dict], top_k: int) -> dict[str, float]:
     return {name: per_k[top_k] for name, per_k in scores.items() if name != ALL or len(groups) > 1}
 
 
+def pairwise_rms(images: np.ndarray) -> float:
+    """Mean RMS distance over all pairs of uint8 images (N, H, W, C), grey, in [0, 1]."""
+    grey = images.astype(np.float64).mean(axis=3).reshape(len(images), -1) / 255.0
+    pairs = [(i, j) for i in range(len(grey)) for j in range(i + 1, len(grey))]
+    return float(np.mean([np.sqrt(np.mean((grey[i] - grey[j]) ** 2)) for i, j in pairs])) if pairs else 0.0
+
+
+def mean_spread(pngs_per_query: list[list[bytes]], channels: int) -> float:
+    """The drawings' spread: `pairwise_rms` per query, averaged over the queries."""
+    return float(np.mean([pairwise_rms(np.stack([decode_image(png, channels) for png in pngs]))
+                          for pngs in pngs_per_query]))
+
+
+def real_spread(catalogue: Catalogue, queries: list[dict[str, str]], n: int, seed: int) -> float:
+    """The same spread for n real products with each query's attributes (query i draws with seed + i)."""
+    groups = list(queries[0])
+    table = catalogue.read([*groups, "image"])
+    values = {g: table.column(g).to_pylist() for g in groups}
+    spreads = []
+    for i, asked in enumerate(queries):
+        rows = [r for r in range(table.num_rows) if all(values[g][r] == v for g, v in asked.items())]
+        chosen = np.random.default_rng(seed + i).choice(rows, size=min(n, len(rows)), replace=False)
+        images = np.stack([decode_image(table.column("image")[int(r)].as_py(), catalogue.image_channels)
+                           for r in chosen])
+        spreads.append(pairwise_rms(images))
+    return float(np.mean(spreads))
+
+
 def random_precision(rows: list[dict], products: pa.Table) -> dict[str, float]:
     """What attribute_precision expects from products drawn at random from the index: per query,
     the share of indexed products carrying the asked value(s), averaged over the queries."""
@@ -244,7 +285,7 @@ def _img(png: bytes, title: str = "") -> str:
 
 
 def write_report(path: Path, rows: list[dict], catalogue: Catalogue, precision: dict[str, float], top_k: int,
-                 grid: Path) -> None:
+                 grid: Path, spread: dict[str, float]) -> None:
     wanted = {p["id"] for r in rows for p in r["products"]}
     table = catalogue.read(["id", "image"])
     table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(sorted(wanted))))
@@ -268,6 +309,8 @@ figure{{display:inline-block;margin:2px;text-align:center;font-size:11px}} .hit 
 #grid{{width:auto;image-rendering:pixelated;zoom:2}}</style>
 <h1>atelier demo: {html.escape(catalogue.name)}</h1>
 <p>attribute precision@{top_k} (fraction of the top-{top_k} products whose value is the one asked): <b>{scores}</b></p>
+<p>spread of the drawings (mean pairwise RMS pixel distance within a query): <b>{spread["drawings"]:.3f}</b>;
+of as many real products with the asked attributes: <b>{spread["real_products"]:.3f}</b></p>
 <table><tr><th>asked</th><th>generated images</th><th>top-{top_k} catalogue products (green: every value as asked)</th></tr>
 {''.join(body)}</table>
 <h2>Sample grid (one column per value of the first attribute)</h2>{_img(grid.read_bytes(), "grid").replace("<img", '<img id="grid"')}

@@ -55,7 +55,7 @@ def idx_dir() -> Path:
 def mobilenet_weights() -> Path:
     import torch
 
-    from atelier.indexer.backbone import MOBILENET_V2_FILE, WeightsUnavailable, install_mobilenet_v2_weights
+    from atelier.pretrained import MOBILENET_V2_FILE, WeightsUnavailable, install_mobilenet_v2_weights
 
     target = Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_V2_FILE
     if not target.is_file():

@@ -15,7 +15,7 @@ PACKAGE = ROOT / "atelier"
 MAX_FUNCTION_LINES = 80
 
 # what each part may import, besides itself and the shared modules
-SHARED = {"atelier.artifacts", "atelier.registry", "atelier.progress", "atelier.exports"}
+SHARED = {"atelier.artifacts", "atelier.registry", "atelier.progress", "atelier.exports", "atelier.pretrained"}
 ALLOWED = {
     "catalog": set(),
     "generator": {"catalog"},

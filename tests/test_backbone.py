@@ -4,15 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from atelier.indexer.backbone import (
-    MOBILENET_V2_FILE,
-    WeightsUnavailable,
-    mobilenet_v2_features,
-    network_input,
-    normalise,
-    square_rgb,
-    verify_mobilenet_v2_weights,
-)
+from atelier.indexer.backbone import network_input, normalise, square_rgb
+from atelier.pretrained import MOBILENET_V2_FILE, WeightsUnavailable, mobilenet_v2_features, verify_mobilenet_v2_weights
 
 
 def test_network_input_squares_pads_and_normalises():

@@ -17,6 +17,8 @@ TINY = {
     "cdpggan": dict(image_size=8, channels=1, g_width=4, d_width=4, max_width=8, latent_dim=8, embed_dim=4, ca_dim=4,
                     phase_images=8, batch_sizes="4:4"),
     "flow": dict(image_size=8, channels=1, width=8, multipliers=(1, 2), embed_dim=4),
+    "mcgan+pretrained": dict(image_size=8, channels=1, g_width=4, d_width=4, latent_dim=8, embed_dim=4,
+                             discriminator="pretrained"),
     "cgan+recipes": dict(image_size=8, g_width=4, d_width=4, latent_dim=8, embed_dim=4, ema_decay=0.9,
                          augment="color,translation,cutout"),
 }

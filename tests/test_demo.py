@@ -50,6 +50,9 @@ def test_the_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path, idx_dir, mo
     printed = capsys.readouterr().out
     assert "category asked | category of the top-5 products" in printed
     assert f"precision@5: {results['precision_at_k']['category']:.3f}  (random products: " in printed
+    spread = results["spread"]
+    assert 0 < spread["real_products"] < 1 and 0 <= spread["drawings"] < 1
+    assert f"spread of the drawings: {spread['drawings']:.3f}  (real products: {spread['real_products']:.3f}" in printed
     assert results["index_products"] == 300 and results["health"] == "SERVING"
     assert len(results["queries"]) == 10 and all(len(q["products"]) == 5 for q in results["queries"])
     assert results["model_training"]["init_from"]["path"].endswith("cgan-fashion-mnist")  # the committed checkpoint
@@ -67,3 +70,16 @@ def test_random_precision_is_the_share_of_products_with_the_asked_values():
     products = pa.table({"type": ["Topwear", "Topwear", "Dress", "Saree"], "colour": ["Blue", "Black", "Black", "Blue"]})
     assert random_precision(ROWS, products) == {"type": (2 / 4 + 1 / 4) / 2, "colour": (2 / 4 + 2 / 4) / 2,
                                                 "all": (1 / 4 + 1 / 4) / 2}
+
+
+def test_pairwise_rms_spread_by_hand():
+    import numpy as np
+
+    from atelier.demo import pairwise_rms
+
+    black, white = np.zeros((4, 4, 1), np.uint8), np.full((4, 4, 1), 255, np.uint8)
+    assert pairwise_rms(np.stack([black, black, black])) == 0.0  # one drawing repeated: no spread
+    assert pairwise_rms(np.stack([black, white])) == 1.0
+    half = np.full((4, 4, 3), 51, np.uint8)  # RGB is averaged to grey: 0.2
+    assert abs(pairwise_rms(np.stack([black.repeat(3, axis=2), half, white.repeat(3, axis=2)])) - (0.2 + 1 + 0.8) / 3) < 1e-12
+

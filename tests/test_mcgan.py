@@ -47,3 +47,29 @@ def test_a_model_of_the_selection_searches_the_whole_catalogue(fpi_stack):
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "allowed: Blue, Black, White, Grey, Green, Red" in error.value.details()
 
+
+
+def test_a_discriminator_on_frozen_pretrained_features(mobilenet_weights):
+    import torch
+
+    from atelier.catalog.schema import AttributeGroup, AttributeSchema
+    from atelier.generator.mcgan import MCGAN, MCGANConfig
+
+    schema = AttributeSchema((AttributeGroup("type", ("Shirt", "Dress")), AttributeGroup("colour", ("Red", "Blue"))))
+    torch.manual_seed(0)
+    model = MCGAN(schema, MCGANConfig(image_size=32, g_width=4, d_width=4, latent_dim=8, embed_dim=4,
+                                      discriminator="pretrained")).train()
+    trainer = MCGAN.Trainer(model)
+    d = trainer.d
+    assert all(k.split(".")[0] in {"heads", "logits", "embeds"} for k in d.state_dict())  # ImageNet's weights stay out
+    frozen = [p.detach().clone() for stage in d.frozen for p in stage.parameters()]
+    heads = [p.detach().clone() for p in d.heads.parameters()]
+    g_before = [p.detach().clone() for p in model.parameters()]
+    condition = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]] * 2)
+    losses = trainer.step(torch.rand(4, 3, 32, 32) * 2 - 1, condition)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert all(torch.equal(a, p) for a, p in zip(frozen, (p for stage in d.frozen for p in stage.parameters())))
+    assert any(not torch.equal(a, p) for a, p in zip(heads, d.heads.parameters()))  # the heads learn
+    assert any(not torch.equal(a, p) for a, p in zip(g_before, model.parameters()))  # G's gradient went through
+    logits = d(torch.zeros(2, 3, 32, 32), condition[:2])
+    assert logits.shape == (2,)

@@ -1,6 +1,6 @@
 """Embedders and the batch reindex job: catalogue -> reader -> mapper -> writer -> index directory.
 
-`backbone` holds the ImageNet backbone and the one image-to-network-input path; `embedders`
+`backbone` holds the one image-to-network-input path (the ImageNet network is atelier.pretrained); `embedders`
 the registry of embedders; `attribute_net` the attribute networks (eval judges and in-domain
 embedders); `index_choice` picks the FAISS index under a memory budget; `runner.reindex` runs
 and publishes the job; `index_directory` opens what it published.

@@ -31,7 +31,8 @@ from torch.nn import functional as F
 from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue
 from atelier.catalog.schema import AttributeSchema
-from atelier.indexer.backbone import MOBILENET_V2_WIDTH, mobilenet_v2_features, network_input
+from atelier.indexer.backbone import network_input
+from atelier.pretrained import MOBILENET_V2_WIDTH, mobilenet_v2_features
 from atelier.progress import progress_bar
 from atelier.registry import Registry
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from atelier import artifacts
 from atelier.indexer.attribute_net import read_attribute_net_files
-from atelier.indexer.backbone import MOBILENET_V2_WIDTH, mobilenet_v2_features, normalise, square_rgb
+from atelier.indexer.backbone import normalise, square_rgb
+from atelier.pretrained import MOBILENET_V2_WIDTH, mobilenet_v2_features
 from atelier.registry import Registry
 
 __all__ = [
