@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         model_overrides=dict(args.set), progress=not args.quiet, device=args.device,
         hold_out_groups=tuple(g for g in (args.hold_out or "").split(",") if g),
         hold_out_fraction=args.hold_out_fraction, hold_out_min_rows=args.hold_out_min_rows,
-        command="atelier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=_command(args),
     ))
     print(f"checkpoint: {args.out} -> {folder}")
 
@@ -109,7 +109,7 @@ def cmd_train_attributes(args: argparse.Namespace) -> None:
         catalogue=args.catalogue, out=args.out, architecture=args.architecture, input_size=args.input_size,
         feature_dim=args.feature_dim, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         max_seconds=args.max_seconds, limit=args.limit, seed=args.seed, threads=args.threads,
-        progress=not args.quiet, command="atelier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        progress=not args.quiet, command=_command(args),
     ))
     from atelier import artifacts
 
@@ -142,6 +142,40 @@ def _train_attributes_parser(verbs) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_attributes)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from atelier.generator.distill import DistillConfig, distill
+
+    folder = distill(DistillConfig(
+        teacher=args.teacher, catalogue=args.catalogue, out=args.out, pairs=args.pairs, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, max_seconds=args.max_seconds, max_steps=args.max_steps,
+        seed=args.seed, threads=args.threads, resume=args.resume, progress=not args.quiet, command=_command(args)))
+    print(f"checkpoint: {args.out} -> {folder}")
+
+
+def _distill_parser(verbs) -> None:
+    p = verbs.add_parser(
+        "distill", help="distil a flow into a one-pass flow (about 40x faster drawings)",
+        description="Trains a copy of a flow checkpoint (the teacher) to draw in one network pass what the "
+                    "teacher draws by integrating its ODE with guidance: mean squared error against the "
+                    "teacher's drawings of --pairs (noise, condition) pairs. The teacher's drawings are "
+                    "computed once and kept under OUT.pairs/ (a killed run keeps the finished chunks). The "
+                    "result is a flow checkpoint with one Euler step and no guidance pass.")
+    p.add_argument("--teacher", type=Path, required=True, help="a flow checkpoint")
+    p.add_argument("--catalogue", type=Path, required=True, help="the teacher's catalogue (its train split's labels)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder for the student")
+    p.add_argument("--pairs", type=int, default=20_000, help="teacher drawings to learn from (default 20000)")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the pairs (default 20)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam's learning rate (default 2e-4)")
+    p.add_argument("--max-seconds", type=float, help="stop (and publish) after this long")
+    p.add_argument("--max-steps", type=int, help="stop (and publish) after this many steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--resume", action="store_true", help="continue the student at --out exactly")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_distill)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -212,6 +246,36 @@ def _index_parser(verbs) -> None:
     p.set_defaults(func=cmd_index)
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line this run was given, as a shell would take it (for manifests and reports)."""
+    return "atelier " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def _sampling_option(text: str) -> tuple[str, str, object]:
+    model, sep, rest = text.partition(":")
+    if not sep or not model.strip():
+        raise argparse.ArgumentTypeError(f"expected MODEL:KEY=VALUE (e.g. flow:sample_steps=4), got {text!r}")
+    key, value = _override(rest)
+    return model.strip(), key, value
+
+
+def parse_sampling(options: list[tuple[str, str, object]], models: dict[str, Path]) -> dict[str, dict[str, object]]:
+    """--sampling MODEL:KEY=VALUE options as {model name: {key: value}}, for models that exist."""
+    out: dict[str, dict[str, object]] = {}
+    for model, key, value in options:
+        if model not in models:
+            raise ValueError(f"--sampling names model {model!r}; the --model names are {', '.join(models)}")
+        out.setdefault(model, {})[key] = value
+    return out
+
+
+def _add_sampling_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampling", type=_sampling_option, action="append", default=[], metavar="MODEL:KEY=VALUE",
+                   help="serve a model with other sampling options of its family, weights unchanged; repeat "
+                        "(the flow's: sample_steps, solver euler|midpoint|heun, guidance, compose joint|groups; "
+                        "e.g. --sampling flow:sample_steps=4)")
+
+
 def parse_models(specs: list[str]) -> dict[str, Path]:
     models = {}
     for spec in specs:
@@ -234,10 +298,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     default_top_k=top_k, max_candidates=args.max_candidates, max_queue_per_model=args.max_queue,
                     max_running_per_model=args.max_running, max_request_bytes=args.max_request_bytes,
                     max_response_bytes=args.max_response_bytes)
-    serve(args.index, parse_models(args.model), args.address, args.workers, limits, security=_serve_security(args),
+    models = parse_models(args.model)
+    serve(args.index, models, args.address, args.workers, limits, security=_serve_security(args),
           watch_index=args.watch_index, grace=args.grace, drain=args.drain,
           batching=BatchPolicy(max_wait_ms=args.batch_wait_ms, max_batch_rows=args.max_batch_rows,
-                               chunk_rows=args.batch_chunk_rows))
+                               chunk_rows=args.batch_chunk_rows), sampling=parse_sampling(args.sampling, models))
 
 
 def _serve_parser(verbs) -> None:
@@ -245,6 +310,7 @@ def _serve_parser(verbs) -> None:
     p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`)")
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
                    help="checkpoint folder, optionally named; repeat for several models (the first is the default)")
+    _add_sampling_arg(p)
     p.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (default 127.0.0.1:50051)")
     p.add_argument("--workers", type=int, default=8,
                    help="gRPC threads (default 8; raised to models x --max-queue + 4 so admitted requests never "
@@ -376,12 +442,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
                             retrieval_samples=args.retrieval_samples, retrieval_repeats=args.retrieval_repeats,
                             seed=args.seed, progress=not args.quiet,
                             feature_cache=None if args.feature_cache == "none" else args.feature_cache)
-    report, visuals = compare_models(args.index, args.catalogue, parse_models(args.model), args.judge, settings)
-    report["command"] = "atelier " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    models = parse_models(args.model)
+    headlines = args.headline or [next(iter(models))]
+    unknown = [h for h in headlines if h not in models]
+    if args.summary is not None and unknown:
+        raise ValueError(f"--headline {unknown} not among the --model names {list(models)}")
+    report, visuals = compare_models(args.index, args.catalogue, models, args.judge, settings,
+                                     sampling=parse_sampling(args.sampling, models))
+    report["command"] = _command(args)
     paths = write_report(report, visuals, args.out)
     print(f"{len(report['conditions'])} conditions x {args.samples} samples; {report['seconds']:.0f} s")
     print(format_markdown(report))
     print("report: " + ", ".join(str(p) for p in paths.values()))
+    if args.summary is not None:
+        from atelier.evaluation.summary import summary_entries, update_summary
+
+        entries = {}
+        for headline in headlines:
+            entries.update(summary_entries(report, headline, str(models[headline]), str(paths["json"])))
+        update_summary(args.summary, entries)
+        print(f"summary: {', '.join(entries)} ({', '.join(headlines)}) -> {args.summary}")
 
 
 def _eval_parser(verbs) -> None:
@@ -400,7 +480,9 @@ def _eval_parser(verbs) -> None:
     p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`) to retrieve from")
     p.add_argument("--catalogue", type=Path, required=True, help="the catalogue with train/test splits (real images)")
     p.add_argument("--judge", type=Path, required=True, help="judge from `atelier train-attributes` on that catalogue")
-    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH", help="checkpoint; repeat")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
+                   help="checkpoint; repeat (one checkpoint may come twice under two names, with --sampling)")
+    _add_sampling_arg(p)
     p.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md and report.html")
     p.add_argument("--samples", type=int, default=16, help="images per attribute combination (default 16)")
     p.add_argument("--min-products", type=int, default=20, help="combinations with fewer products are skipped")
@@ -409,12 +491,21 @@ def _eval_parser(verbs) -> None:
     p.add_argument("--feature-cache", default=EvalSettings.feature_cache, metavar="DIR",
                    help="keep the real images' Inception features here, per catalogue, rows and network "
                         f"(default {EvalSettings.feature_cache}; 'none': compute them every run)")
-    p.add_argument("--fid-images", type=int, default=2_000,
-                   help="images per model for TF-Inception FID/KID (default 2000; 0 skips the Inception network)")
+    p.add_argument("--fid-images", type=int, default=EvalSettings.fid_images,
+                   help=f"images per model for TF-Inception FID/KID, against as many held-out images (at most the "
+                        f"test split) and the train split's floor at that size (default {EvalSettings.fid_images}; "
+                        "0 skips the Inception network)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="precision@k cut-offs (default 1 5 10)")
     p.add_argument("--retrieval-samples", type=int, default=4, help="images generated per retrieval request (default 4)")
     p.add_argument("--retrieval-repeats", type=int, default=5,
                    help="retrieval requests per combination, each with its own seed (default 5)")
+    p.add_argument("--summary", type=Path, metavar="FILE",
+                   help="also write the headline model's figures into this summary file (e.g. "
+                        "docs/results/summary.json), keyed by catalogue, or 'compositional' for a model trained "
+                        "with --hold-out; other keys are kept")
+    p.add_argument("--headline", metavar="NAME", action="append",
+                   help="a --model whose figures go into --summary (default: the first); repeat, e.g. for the "
+                        "catalogue's best model and a model trained with --hold-out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -482,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    for add_parser in (_import_parser, _train_parser, _train_attributes_parser, _sample_parser, _index_parser, _serve_parser, _query_parser, _demo_parser, _eval_parser):
+    for add_parser in (_import_parser, _train_parser, _distill_parser, _train_attributes_parser, _sample_parser,
+                       _index_parser, _serve_parser, _query_parser, _demo_parser, _eval_parser):
         add_parser(verbs)
     return parser
 
@@ -490,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.verb == "sample" and bool(args.rows) != bool(args.columns):
         parser.error("sample: --rows and --columns go together")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -61,6 +61,21 @@ def test_training_benchmark_quick(tmp_path, fpi_parquet, idx_dir):
     assert not (out / "tmp" / "training").exists()
 
 
+def test_families_benchmark_quick(tmp_path, idx_dir, mobilenet_weights):
+    from benchmarks import families
+
+    out = tmp_path / "bench"
+    report = families.run(families.parse_args(["--quick", "--threads", "1", "--out", str(out),
+                                               "--workdir", str(tmp_path / "work")]))
+    write_report(report, out)
+    _check_report(report, out, "families", ["GenerateAndRetrieve latency per committed model"], goals=1)
+    served = report["models"]["fashion-mnist"]
+    assert set(served) == set(families.committed_models()["fashion-mnist"]) >= {"flow-fashion-mnist"}
+    assert {r["family"] for r in served.values()} >= {"cgan", "cvae", "flow"}
+    for name, r in served.items():
+        assert r["requests"] == 2 and r["p50_ms"] > 0 and r["stage_mean_ms"]["generate"] > 0, name
+
+
 def test_benchmark_help_says_what_is_measured(capsys):
     from benchmarks import reindex, training
 

@@ -28,6 +28,8 @@ def stack(tmp_path_factory, fpi_parquet, mobilenet_weights):
     train(TrainConfig(catalogue=root / "apparel", out=root / "mcgan", model="mcgan", batch_size=16, max_steps=2,
                       progress=False, model_overrides=TINY, hold_out_groups=("type", "colour"),
                       hold_out_fraction=0.05, hold_out_min_rows=4))
+    train(TrainConfig(catalogue=root / "apparel", out=root / "plain", model="mcgan", batch_size=16, max_steps=2,
+                      progress=False, model_overrides=TINY))  # trained on every combination
     train_attribute_net(AttributeTrainConfig(root / "apparel", root / "judge", input_size=32, epochs=1,
                                              batch_size=32, progress=False))
     reindex(root / "apparel", root / "index", input_size=32, progress=False)
@@ -75,6 +77,45 @@ def test_eval_grades_models_and_real_products_and_splits_the_hold_out(stack):
     json.dumps(report, default=float)  # JSON-ready
 
 
+def test_the_summary_takes_the_headline_models_figures_and_keeps_other_entries(stack, tmp_path):
+    from atelier.evaluation.retrieval_quality import REAL_IMAGE
+    from atelier.evaluation.summary import COMPOSITIONAL, summary_entries, update_summary
+
+    report, _ = compare_models(stack / "index", stack / "apparel", {"plain": stack / "plain", "mcgan": stack / "mcgan"},
+                               stack / "judge", SMALL)
+    assert report["selection"] == "apparel-6x6"
+    entries = summary_entries(report, "plain", "checkpoints/plain", "report.json")
+    assert list(entries) == ["fashion-product-images"]  # the catalogue's name without its selection
+    entry, plain, real = entries["fashion-product-images"], report["results"]["plain"], report["results"][REAL]
+    assert entry["selection"] == "apparel-6x6" and entry["model"] == "plain" and entry["checkpoint"] == "checkpoints/plain"
+    assert entry["accuracy"] == {"type": plain["accuracy"]["type"], "colour": plain["accuracy"]["colour"]}
+    assert entry["real_accuracy"]["colour"] == real["accuracy"]["colour"]
+    assert entry["diversity"] == plain["diversity"] and entry["real_diversity"] == real["diversity"]
+    methods = report["retrieval"]["methods"]
+    assert entry["precision_at_10"] == {g: methods["plain"][g]["10"] for g in ("type", "colour")}
+    assert entry["real_image_precision_at_5"]["type"] == methods[REAL_IMAGE]["type"]["5"]
+    assert entry["fid_inception"] is None and entry["settings"]["samples"] == SMALL.samples  # FID skipped here
+    held = summary_entries(report, "mcgan", "checkpoints/mcgan")
+    assert list(held) == [COMPOSITIONAL]
+    assert held[COMPOSITIONAL]["seen_both_accuracy"] == report["results"]["mcgan"]["accuracy_seen"]["all"]
+    assert held[COMPOSITIONAL]["held_out_both_accuracy"] == report["results"]["mcgan"]["accuracy_held_out"]["all"]
+    with pytest.raises(ValueError, match="has no model 'nope'"):
+        summary_entries(report, "nope", "x")
+
+    path = tmp_path / "results" / "summary.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"fashion-mnist": {"model": "flow"}}))
+    update_summary(path, entries)
+    merged = update_summary(path, held)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(merged, default=float))
+    assert set(merged) == {"fashion-mnist", "fashion-product-images", COMPOSITIONAL}
+    assert merged["fashion-mnist"] == {"model": "flow"}
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        update_summary(path, entries)
+    assert path.read_text() == "{not json"  # left as it was
+
+
 def test_a_judge_of_another_schema_is_refused(stack, tmp_path, small_catalogue):
     train_attribute_net(AttributeTrainConfig(small_catalogue, tmp_path / "fm-judge", input_size=32, epochs=1,
                                              limit=64, progress=False))
@@ -96,9 +137,12 @@ def test_eval_command_writes_json_markdown_and_html_with_inception_fid(stack, tm
             str(stack / "judge"), "--model", f"tiny={stack / 'mcgan'}", "--samples", "2", "--min-products", "4",
             "--is-images", "20", "--is-splits", "2", "--fid-images", "8", "--retrieval-samples", "2",
             "--feature-cache", str(cache), "--quiet"]
-    code = main([*args, "--out", str(out)])
+    summary = tmp_path / "summary.json"
+    code = main([*args, "--out", str(out), "--summary", str(summary)])
     assert code == 0
     printed = capsys.readouterr().out
+    assert f"-> {summary}" in printed
+    assert json.loads(summary.read_text())["compositional"]["command"].startswith("atelier eval ")
     assert "| tiny |" in printed and f"| {REAL} |" in printed and "FID (Inception)" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["fid_network"]["sha256"] and report["results"]["tiny"]["fid_inception"] > 0
@@ -106,11 +150,12 @@ def test_eval_command_writes_json_markdown_and_html_with_inception_fid(stack, tm
     pr = report["results"]["tiny"]["precision_recall_inception"]
     assert set(pr) == {"precision", "recall", "density", "coverage"} and 0 <= pr["precision"] <= 1
     assert "precision_recall_inception" in report["results"][REAL] and "precision / recall (Inception)" in printed
-    # the real images' features were cached (test rows, train rows); a second run reads them back
-    cached = sorted(cache.glob("*.npy"))
-    assert len(cached) == 2 and all(np.load(f).shape == (8, 2048) for f in cached)
-    for f in cached:
-        np.save(f, np.load(f) + 1.0)  # the same shift on both sides: the floor FID stays, KID too
+    # the real images' features were kept per row (8 test rows, 8 train rows); a second run reads them back
+    features, done = sorted(cache.glob("*.features.npy")), sorted(cache.glob("*.done.npy"))
+    assert len(features) == len(done) == 1 and int(np.load(done[0]).sum()) == 16
+    stored = np.load(features[0])
+    assert stored.shape[1] == 2048 and np.abs(stored[np.load(done[0])]).sum() > 0
+    np.save(features[0], stored + 1.0)  # the same shift on both sides: the floor FID stays, KID too
     assert main([*args, "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "report.json").read_text())["results"]
     assert again[REAL]["fid_inception"] == pytest.approx(report["results"][REAL]["fid_inception"], rel=1e-6)

@@ -118,14 +118,20 @@ def test_unknown_options_are_refused():
 
 
 @pytest.fixture(scope="module")
-def flow_service(tmp_path_factory, small_catalogue, small_index):
+def flow_checkpoint(tmp_path_factory, small_catalogue):
     from atelier.generator.train import TrainConfig, train
-    from atelier.retrieval.service import RetrievalService
 
     out = tmp_path_factory.mktemp("flow") / "model"
     train(TrainConfig(catalogue=small_catalogue, out=out, model="flow", epochs=1, batch_size=16, max_steps=2,
                       progress=False, model_overrides={"width": 8, "sample_steps": 2}))
-    return RetrievalService.open(small_index, {"flow": out})
+    return out
+
+
+@pytest.fixture(scope="module")
+def flow_service(flow_checkpoint, small_index):
+    from atelier.retrieval.service import RetrievalService
+
+    return RetrievalService.open(small_index, {"flow": flow_checkpoint})
 
 
 def test_flow_serves_batched_as_alone_and_over_grpc(flow_service):
@@ -158,3 +164,51 @@ def test_flow_serves_batched_as_alone_and_over_grpc(flow_service):
         server.stop()
     assert [p.id for p in response.products] == [p.id for p in alone[0].products]
     assert len(response.images) == 3
+
+
+def test_sampling_options_change_how_a_loaded_copy_draws_not_its_weights():
+    model = tiny()
+    fewer = tiny().with_sampling({"sample_steps": 1, "solver": "euler", "guidance": 1.0})
+    assert fewer.config.sample_steps == 1 and fewer.config.width == model.config.width
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fewer.state_dict().values()))
+    by_hand = tiny(sample_steps=1, solver="euler", guidance=1.0)
+    assert np.array_equal(fewer.sample({"type": "Dress"}, 2, 5), by_hand.sample({"type": "Dress"}, 2, 5))
+    assert not np.array_equal(fewer.sample({"type": "Dress"}, 2, 5), model.sample({"type": "Dress"}, 2, 5))
+    with pytest.raises(ValueError, match=r"flow has no sampling option \['width'\]; its sampling options: "
+                                         "sample_steps, solver, guidance, compose"):
+        tiny().with_sampling({"width": 4})
+    with pytest.raises(ValueError, match="unknown solver 'rk9'"):
+        tiny().with_sampling({"solver": "rk9"})
+    with pytest.raises(ValueError, match="sample_steps 2.5 must be a whole number"):
+        tiny().with_sampling({"sample_steps": 2.5})
+
+
+def test_one_checkpoint_serves_under_two_names_with_other_sampling(flow_checkpoint, small_index, capsys):
+    from atelier.cli import main
+    from atelier.retrieval.service import RetrievalRequest, RetrievalService
+
+    service = RetrievalService.open(small_index, {"flow": flow_checkpoint, "flow-1": flow_checkpoint},
+                                    sampling={"flow-1": {"sample_steps": 1}})
+    assert service.models["flow-1"].generator.config.sample_steps == 1
+    assert service.models["flow"].generator.config.sample_steps == 2
+    assert service.models["flow-1"].manifest["sampling"] == {"sample_steps": 1}
+    assert "sampling" not in service.models["flow"].manifest
+
+    for loaded in service.models.values():  # two steps of training leave the velocity near zero: give it some
+        torch.manual_seed(0)
+        for parameter in loaded.generator.parameters():
+            torch.nn.init.normal_(parameter, std=0.1)
+
+    def drawings(name):
+        return service.generate_and_retrieve(RetrievalRequest(
+            {"category": "Coat"}, model=name, num_samples=2, top_k=3, seed=4, return_images=True)).images
+
+    assert not np.array_equal(np.stack(drawings("flow")), np.stack(drawings("flow-1")))
+    with pytest.raises(ValueError, match=r"sampling options for unknown model\(s\) \['nope'\]"):
+        RetrievalService.open(small_index, {"flow": flow_checkpoint}, sampling={"nope": {"sample_steps": 1}})
+    # the command line says which models there are, and which options the family has
+    base = ["serve", "--index", str(small_index), "--model", f"flow={flow_checkpoint}", "--address", "127.0.0.1:0"]
+    assert main([*base, "--sampling", "nope:sample_steps=1"]) == 2
+    assert "--sampling names model 'nope'; the --model names are flow" in capsys.readouterr().err
+    assert main([*base, "--sampling", "flow:width=4"]) == 2
+    assert "flow has no sampling option ['width']" in capsys.readouterr().err

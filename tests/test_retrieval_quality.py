@@ -155,6 +155,38 @@ def test_evaluate_retrieval_scores_every_method_and_is_json(service, splits):
     assert list(result["methods"]) == [*BASELINES, "cgan"] and result["methods"][METADATA]["category"]["1"] == 1.0
 
 
+def test_a_models_precision_at_k_scores_the_request_that_asked_for_k(half_index, tiny_model):
+    """precision@5 is scored on a top-5 request, not on the first 5 of the top-10 answer."""
+    from atelier.retrieval.precision import precision_at_k
+    from atelier.retrieval.service import RetrievalService
+
+    relabelled = RetrievalService.open(half_index.path, {"cgan": tiny_model})
+    asked_for, answer = [], relabelled.generate_and_retrieve
+
+    def observed(request):  # the real call, with the top_k of each request written down
+        asked_for.append((request.attributes["category"], request.top_k))
+        return answer(request)
+
+    relabelled.generate_and_retrieve = observed
+    conditions = [{"category": "Coat"}, {"category": "Bag"}]
+    result = evaluate_retrieval(relabelled, ["cgan"], conditions, ks=(1, 5, 10), seed=2, progress=False,
+                                num_samples=3)
+    assert sorted(asked_for) == sorted((c["category"], k) for c in conditions for k in (1, 5, 10))
+    relabelled.generate_and_retrieve = answer
+    for k in (1, 5, 10):
+        asked = generated_queries(relabelled, "cgan", conditions, k=k, num_samples=3, seed=2)
+        assert all(len(r) == k for r in asked.results)
+        expected = precision_at_k(asked.results, conditions, ["category"], (k,))["category"][k]
+        assert result["methods"]["cgan"]["category"][str(k)] == pytest.approx(expected)
+        for entry, products in zip(result["per_condition"]["cgan"], asked.results):
+            one = precision_at_k([products], [entry["condition"]], ["category"], (k,))["category"][k]
+            assert entry["precision"]["category"][str(k)] == pytest.approx(one)
+    # the retrieved ids shown are the largest k's answer
+    top = generated_queries(relabelled, "cgan", conditions, k=10, num_samples=3, seed=2)
+    assert [e["retrieved_ids"] for e in result["per_condition"]["cgan"]] == \
+        [[p["id"] for p in r] for r in top.results]
+
+
 def test_evaluate_retrieval_notes_a_missing_split_and_refuses_bad_requests(service):
     result = evaluate_retrieval(service, ["cgan"], [{"category": "Bag"}], ks=(1,), progress=False, num_samples=1)
     assert result["per_condition"][RANDOM][0]["condition"] == {"category": "Bag"}

@@ -21,7 +21,6 @@ Writes report.json, report.md and report.html (grids, per-condition rows, retrie
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -36,6 +35,8 @@ import numpy as np
 from atelier.catalog.catalogue import Catalogue
 from atelier.catalog.images import image_grid
 from atelier.evaluation.conditioning import combinations_in_index, mean_pairwise_cosine_distance, score
+from atelier.evaluation.feature_store import FeatureStore
+from atelier.evaluation.fid_inception import FEATURE_DIM
 from atelier.evaluation.metrics import (
     FeatureStatistics,
     frechet_distance,
@@ -61,7 +62,7 @@ class EvalSettings:
     ks: tuple[int, ...] = (1, 5, 10)
     is_images: int = 20_000  # the seed's 20,000 in 5 splits
     is_splits: int = 5
-    fid_images: int = 2_000  # TF-Inception FID/KID per model; 0 skips the Inception network
+    fid_images: int = 10_000  # TF-Inception FID/KID per model (Fashion-MNIST's whole test split); 0: none
     kid_subset: int = 1_000
     retrieval_samples: int = 4  # images generated per GenerateAndRetrieve request
     retrieval_repeats: int = 5  # each condition asked this many times (seeds seed, seed + 1, ...)
@@ -86,6 +87,12 @@ def generate(model: ConditionalGenerator, conditions: list[dict[str, Any]], seed
     return np.concatenate(out), seconds
 
 
+def _first(rows: list[int], n: int, seed: list[int]) -> np.ndarray:
+    """The first n of a permutation of `rows` drawn by a generator of their own, in row order:
+    the same rows every run, and a smaller n's rows are among a larger n's."""
+    return np.sort(np.random.default_rng(seed).permutation(np.asarray(rows))[:n])
+
+
 def _intra_class_fid(features: np.ndarray, classes: list[str], real: np.ndarray, real_classes: list[str],
                      minimum: int = 50) -> dict[str, float]:
     """FID on judge features within each class with at least `minimum` images on both sides."""
@@ -102,7 +109,7 @@ class Evaluation:
     """One run of `atelier eval`; `run()` returns the report (JSON-ready) and the HTML visuals."""
 
     def __init__(self, index_path: Path, catalogue_path: Path, models: Mapping[str, Path], judge_path: Path,
-                 settings: EvalSettings):
+                 settings: EvalSettings, sampling: Mapping[str, Mapping[str, Any]] | None = None):
         self.settings = s = settings
         if not models:
             raise ValueError("name at least one model: --model NAME=CHECKPOINT")
@@ -110,7 +117,7 @@ class Evaluation:
             raise ValueError("--samples, --is-images and --is-splits must be positive, --fid-images >= 0")
         self.service = RetrievalService.open(index_path, models, Limits(
             max_num_samples=max(64, s.retrieval_samples), max_top_k=max(100, max(s.ks)),
-            max_candidates=max(1000, s.retrieval_samples * max(s.ks))))
+            max_candidates=max(1000, s.retrieval_samples * max(s.ks))), sampling=sampling)
         self.index = self.service.index
         self.judge, self.judge_manifest = load_attribute_net(judge_path)
         self.catalogue = Catalogue.open(catalogue_path)
@@ -158,21 +165,25 @@ class Evaluation:
         draw = rng.choice(test, size=s.is_images, replace=len(test) < s.is_images)
         asked_mix = [{g: attrs[i][g] for g in self.groups} for i in draw]  # the real label mix, N times
         inception = self._inception() if s.fid_images else None
-        fid_real_rows = rng.choice(test, size=min(s.fid_images, len(test)), replace=False) if inception else None
-        inception_real = self._real_features(inception, images, fid_real_rows, attrs) if inception else None
+        # the real rows of the FID depend on the seed and the size alone (their own generators), so
+        # every run at a size reads the same rows, and a smaller size's rows are among a larger one's
+        fid_real_rows = _first(test, min(s.fid_images, len(test)), [s.seed, 1]) if inception else None
+        inception_real = self._real_features(inception, images, fid_real_rows) if inception else None
         inception_real_stats = FeatureStatistics.of(inception_real) if inception else None
 
         real: dict[str, Any] = {"images": len(test)}
         real["inception_score"] = {g: self._is(real_probs[g]) for g in self.groups}
-        floor_rows = rng.choice(train, size=min(len(train), len(test)), replace=False) if train else []
+        floor_rows = _first(train, min(len(train), len(test)), [s.seed, 2]) if train else []
         if len(floor_rows):
             train_features, _ = self.judge.run(images[floor_rows])
             real["fid_judge"] = frechet_distance(FeatureStatistics.of(train_features), real_stats)
             real["fid_judge_images"] = len(floor_rows)
             if inception:
-                some = floor_rows[: len(fid_real_rows)]
-                train_inception = self._real_features(inception, images, some, attrs)
+                # the floor: as many train images as real test images, through the same network
+                some = _first(train, len(fid_real_rows), [s.seed, 2])
+                train_inception = self._real_features(inception, images, some)
                 real["fid_inception"] = frechet_distance(FeatureStatistics.of(train_inception), inception_real_stats)
+                real["fid_inception_images"] = len(some)
                 real["kid_inception"] = self._kid(train_inception, inception_real)
                 real["precision_recall_inception"] = precision_recall(inception_real, train_inception)
         real_rows = self._real_per_condition(attrs, test, rng)
@@ -192,7 +203,7 @@ class Evaluation:
                 row["retrieved"] = [{"id": pid, "png": self.images[self.by_id[pid]] if pid in self.by_id else None,
                                      "attributes": self._attributes_of(pid, index_rows)} for pid in entry["retrieved_ids"]]
         report = {
-            "catalogue": self.catalogue.name, "index": str(self.index.path), "index_version": self.index.version,
+            "catalogue": self.catalogue.name, "selection": self._selection(), "index": str(self.index.path), "index_version": self.index.version,
             "embedder": self.index.embedder, "groups": list(self.groups), "class_group": self.class_group,
             "judge": {"path": str(self.judge_manifest.get("version")), "architecture": self.judge.config.architecture,
                       "input_size": self.judge.config.input_size,
@@ -208,23 +219,19 @@ class Evaluation:
         return report, visuals
 
     # -- pieces ---------------------------------------------------------------------------------
-    def _real_features(self, inception, images: np.ndarray, rows: np.ndarray, attrs: list[dict]) -> np.ndarray:
-        """Inception features of real catalogue images, from the cache when this catalogue's same
-        rows went through the same network before."""
-        ids = [attrs[i]["id"] for i in rows]
-        key = hashlib.sha256(json.dumps([self.catalogue.fingerprint, inception.sha256, ids]).encode()).hexdigest()
-        path = Path(self.settings.feature_cache) / f"{self.catalogue.name}-{key[:20]}.npy" \
-            if self.settings.feature_cache else None
-        if path is not None and path.is_file():
-            return np.load(path)
-        features = inception.features(images[rows], progress=self.settings.progress)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.partial")  # a killed run never leaves half a file
-            with open(partial, "wb") as handle:
-                np.save(handle, features)
-            os.replace(partial, path)
-        return features
+    def _selection(self) -> str | None:
+        """The importer's selection of attributes (Fashion Product Images: apparel-6x6, full, ...)."""
+        selection = (self.catalogue.manifest.get("source") or {}).get("selection")
+        return selection.get("name") if isinstance(selection, dict) else selection
+
+    def _real_features(self, inception, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Inception features of real catalogue images (rows of `images`), through the feature
+        store when there is one: computed once per row, kept as each batch finishes."""
+        if not self.settings.feature_cache:
+            return inception.features(images[rows], progress=self.settings.progress)
+        store = FeatureStore(self.settings.feature_cache, self.catalogue.name, self.catalogue.fingerprint,
+                             inception.sha256, len(images), FEATURE_DIM)
+        return store.get(rows, lambda batch: inception.features(images[batch]), progress=self.settings.progress)
 
     def _inception(self):
         from atelier.evaluation.fid_inception import FidInception
@@ -287,7 +294,8 @@ class Evaluation:
         result: dict[str, Any] = {"family": model.family, "image_size": model.image_size}
         loaded = self.service.models[name]
         training = loaded.manifest.get("training", {})
-        result.update(version=loaded.manifest["version"], training_seconds=training.get("seconds"),
+        result.update(version=loaded.manifest["version"], sampling=loaded.manifest.get("sampling", {}),
+                      training_seconds=training.get("seconds"),
                       images_seen=training.get("images_seen"), held_out=training.get("held_out", []))
         result["sampling_images_per_second"] = len(images) / max(seconds, 1e-9)
         result["inception_score"] = {g: self._is(probs[g]) for g in self.groups}
@@ -350,8 +358,10 @@ class Evaluation:
 
 
 def compare_models(index_path: Path, catalogue_path: Path, models: Mapping[str, Path], judge_path: Path,
-                   settings: EvalSettings | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    return Evaluation(index_path, catalogue_path, models, judge_path, settings or EvalSettings()).run()
+                   settings: EvalSettings | None = None, sampling: Mapping[str, Mapping[str, Any]] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`sampling`: per model name, sampling options of its family (e.g. fewer ODE steps)."""
+    return Evaluation(index_path, catalogue_path, models, judge_path, settings or EvalSettings(), sampling).run()
 
 
 # -- writing ------------------------------------------------------------------------------------

@@ -176,7 +176,10 @@ class FidInception:
                                                   disable=not progress) as bar:
             for start in range(0, n, batch_size):
                 batch = np.asarray(images)[start:start + batch_size]
-                feats = self.network(self.preprocess(batch).to(self.device))
+                # channels-last runs the convolutions about 20% faster on this CPU; the features move
+                # by about 1e-5 (the test against pytorch-fid's pipeline still agrees to 1e-3)
+                x = self.preprocess(batch).to(self.device).contiguous(memory_format=torch.channels_last)
+                feats = self.network(x)
                 out[start:start + len(batch)] = feats.reshape(len(batch), FEATURE_DIM).double().cpu().numpy()
                 bar.update(len(batch))
         return out

@@ -64,9 +64,19 @@ class Retrieved:
     seeds: list[int] | None = None  # generated: each request's seed
     images: list[np.ndarray] | None = None  # generated, when asked for: each query's samples (N, H, W, C)
     index_version: str | None = None
+    # generated: the answers of requests that asked for exactly k products, per k. The service
+    # merges the drawings' neighbours into its top k, so the first 5 of a top-10 answer need not
+    # be the top-5 answer; precision@k is scored on the request that asked for k.
+    results_at: dict[int, list[list[dict[str, Any]]]] | None = None
 
     def precision(self, groups: Sequence[str], ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float | None]]:
-        return precision_at_k(self.results, self.conditions, groups, ks)
+        if self.results_at is None:
+            return precision_at_k(self.results, self.conditions, groups, ks)
+        out: dict[str, dict[int, float | None]] = {}
+        for k in ks:
+            for name, per_k in precision_at_k(self.results_at[int(k)], self.conditions, groups, (k,)).items():
+                out.setdefault(name, {}).update(per_k)
+        return out
 
 
 # -- the methods ------------------------------------------------------------------------------
@@ -221,8 +231,9 @@ def evaluate_retrieval(service: RetrievalService, models: Sequence[str], conditi
                        splits: Mapping[str, str | None] | None = None) -> dict[str, Any]:
     """Attribute precision@k of each model's GenerateAndRetrieve and the three baselines.
 
-    Every method answers the same `conditions` with max(ks) products from the index the service
-    serves now (read once; a swap during the run raises RuntimeError). `num_samples` None = the
+    Every method answers the same `conditions` from the index the service serves now: the
+    baselines with max(ks) products (their first k are their answer for k), each model with one
+    request per k that asks for exactly k products (same seed, so the same drawings) (read once; a swap during the run raises RuntimeError). `num_samples` None = the
     service's default; `split`/`splits`: see `query_by_real_image`. JSON-ready result:
 
         {"ks": [1, 5, 10], "groups": [...], "queries": n, "seed": 0, "num_samples": ..., "index_version": ...,
@@ -249,17 +260,21 @@ def evaluate_retrieval(service: RetrievalService, models: Sequence[str], conditi
         seconds[name] = time.perf_counter() - start
 
     for model in models:
-        runs[model] = Retrieved(model, [dict(c) for c in conditions], [], seeds=[], index_version=index.version)
+        runs[model] = Retrieved(model, [dict(c) for c in conditions], [], seeds=[], index_version=index.version,
+                                results_at={cut: [] for cut in ks})
         seconds[model] = 0.0
     for condition in progress_bar(conditions, desc="conditions", disable=not progress):
         request_seed = condition_seed(seed, condition)
         for model in models:
-            start = time.perf_counter()
-            products, _, version = _generate_one(service, model, condition, k, num_samples, request_seed, False)
-            seconds[model] += time.perf_counter() - start
-            if version != index.version:
-                raise RuntimeError(f"the served index changed during the run ({index.version} -> {version}); run again")
-            runs[model].results.append(products)
+            for cut in ks:  # one request per k, same seed: the same drawings, asked for exactly k products
+                start = time.perf_counter()
+                products, _, version = _generate_one(service, model, condition, cut, num_samples, request_seed, False)
+                seconds[model] += time.perf_counter() - start
+                if version != index.version:
+                    raise RuntimeError(f"the served index changed during the run ({index.version} -> {version}); "
+                                       "run again")
+                runs[model].results_at[cut].append(products)
+            runs[model].results.append(products)  # the largest k's answer
             runs[model].seeds.append(request_seed)
 
     return {
@@ -299,8 +314,9 @@ def _check_request(service: RetrievalService, index: IndexDirectory, models: lis
 def _per_condition(run: Retrieved, groups: list[str], ks: list[int]) -> list[dict[str, Any]]:
     entries = []
     for i, (condition, products) in enumerate(zip(run.conditions, run.results)):
-        entry = {"condition": _jsonable(condition),
-                 "precision": _keyed(precision_at_k([products], [condition], groups, ks)),
+        one = Retrieved(run.method, [condition], [products],
+                        results_at=None if run.results_at is None else {k: [run.results_at[k][i]] for k in ks})
+        entry = {"condition": _jsonable(condition), "precision": _keyed(one.precision(groups, ks)),
                  "retrieved_ids": [p["id"] for p in products]}
         if run.seeds is not None:
             entry["seed"] = run.seeds[i]

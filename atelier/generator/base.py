@@ -54,6 +54,8 @@ class ConditionalGenerator(nn.Module):
     Config: ClassVar[type]  # a dataclass of architecture hyper-parameters
     Trainer: ClassVar[type[Trainer]]
     accepts_partial: ClassVar[bool] = False  # may a request leave a single-label group out?
+    # config fields a served copy may set without retraining (how it samples, not what it learned)
+    SAMPLING_OPTIONS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, schema: AttributeSchema, config: Any):
         super().__init__()
@@ -76,6 +78,21 @@ class ConditionalGenerator(nn.Module):
     def keeps_option(self, key: str, value: Any) -> bool:
         """Does `--set key=value` describe this loaded model as it is? (resume and fine-tune refuse changes)"""
         return getattr(self.config, key, value) == value
+
+    def check_config(self, config: Any) -> None:
+        """Raise ValueError naming what is allowed if `config` is not a valid one for the family."""
+
+    def with_sampling(self, options: Mapping[str, Any]) -> ConditionalGenerator:
+        """Set sampling options (`SAMPLING_OPTIONS`) of this loaded model, e.g. fewer ODE steps for a
+        faster served copy; the weights are unchanged. Others are refused by name."""
+        bad = sorted(set(options) - set(self.SAMPLING_OPTIONS))
+        if bad:
+            allowed = ", ".join(self.SAMPLING_OPTIONS) or "none"
+            raise ValueError(f"{self.family} has no sampling option {bad}; its sampling options: {allowed}")
+        config = dataclasses.replace(self.config, **options)
+        self.check_config(config)
+        self.config = config
+        return self
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)

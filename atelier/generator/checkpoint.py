@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,18 @@ def build_from_config(config: dict[str, Any]) -> ConditionalGenerator:
     return cls(AttributeSchema.from_dict(config["schema"]), cls.Config(**config["config"]))
 
 
-def load_generator(path: Path, verify: bool = True) -> tuple[ConditionalGenerator, dict[str, Any]]:
-    """Rebuild a generator from a checkpoint folder; returns (model in eval mode, manifest)."""
+def load_generator(path: Path, verify: bool = True, sampling: Mapping[str, Any] | None = None
+                   ) -> tuple[ConditionalGenerator, dict[str, Any]]:
+    """Rebuild a generator from a checkpoint folder; returns (model in eval mode, manifest).
+    `sampling`: the family's sampling options to set on this copy (e.g. {"sample_steps": 4})."""
     folder = artifacts.resolve(path)
     manifest = artifacts.read_manifest(folder, KIND, verify=verify)
     model = build_from_config(json.loads((folder / "config.json").read_text()))
     model.load_state_dict(load_file(folder / WEIGHTS))
     model.eval()
+    if sampling:
+        model.with_sampling(sampling)
+        manifest["sampling"] = dict(sampling)  # what this loaded copy does differently from the checkpoint
     manifest["version"] = folder.name
     manifest["weights_sha256"] = manifest["files"][WEIGHTS]
     return model, manifest

@@ -198,20 +198,27 @@ class Flow(ConditionalGenerator):
     Config = FlowConfig
     accepts_partial = True
 
+    SAMPLING_OPTIONS = ("sample_steps", "solver", "guidance", "compose")
+
     def __init__(self, schema: AttributeSchema, config: FlowConfig | None = None):
         config = config or FlowConfig()
+        self.check_config(config)
+        super().__init__(schema, config)
+        self.embed = ConditionEmbedding(schema, config.embed_dim, learn_any=True)
+        self.net = UNet(config, self.embed.out_dim)
+        self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
+
+    def check_config(self, config: FlowConfig) -> None:
         for name, value, allowed in (("solver", config.solver, SOLVERS), ("compose", config.compose, COMPOSE),
                                      ("time_sampling", config.time_sampling, TIME_SAMPLING)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
         if not (0 <= config.condition_dropout < 1 and 0 <= config.drop_all < 1):
             raise ValueError("condition_dropout and drop_all must be in [0, 1)")
-        if config.sample_steps < 1:
-            raise ValueError(f"sample_steps {config.sample_steps} must be at least 1")
-        super().__init__(schema, config)
-        self.embed = ConditionEmbedding(schema, config.embed_dim, learn_any=True)
-        self.net = UNet(config, self.embed.out_dim)
-        self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
+        if isinstance(config.sample_steps, bool) or not isinstance(config.sample_steps, int) or config.sample_steps < 1:
+            raise ValueError(f"sample_steps {config.sample_steps!r} must be a whole number, at least 1")
+        if isinstance(config.guidance, bool) or not isinstance(config.guidance, (int, float)):
+            raise ValueError(f"guidance {config.guidance!r} must be a number (1: no guidance)")
 
     @property
     def latent_dim(self) -> int:  # the noise image the ODE starts from, flattened

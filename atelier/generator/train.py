@@ -273,10 +273,12 @@ def run_epochs(cfg: TrainConfig, run: Run, images: torch.Tensor, conditions: tor
                publisher: Publisher) -> None:
     """The epoch loop: shuffled batches through `trainer.step`, a checkpoint after each epoch,
     and one more when --max-steps or --max-seconds stops the run inside an epoch."""
-    generator = torch.Generator().manual_seed(cfg.seed + run.start_epoch)
     start, step, losses = time.perf_counter(), 0, {}
     last_epoch = run.start_epoch + cfg.epochs
     for epoch in range(run.start_epoch, last_epoch):
+        # each epoch's order depends on the seed and the epoch alone, so a resumed run (which
+        # starts again at the epoch it stopped in) sees the batches an unbroken run would
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(len(images), generator=generator).to(images.device)
         bar = progress_bar(total=len(images), unit="img", desc=f"epoch {epoch + 1}/{last_epoch}",
                            disable=not cfg.progress, leave=False)

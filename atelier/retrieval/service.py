@@ -207,13 +207,20 @@ class RetrievalService:
 
     @classmethod
     def open(cls, index_path: Path, model_paths: Mapping[str, Path], limits: Limits | None = None,
-             batching: BatchPolicy | None = None) -> RetrievalService:
-        """Load the index, its embedder and the models, refusing any combination that disagrees."""
+             batching: BatchPolicy | None = None,
+             sampling: Mapping[str, Mapping[str, Any]] | None = None) -> RetrievalService:
+        """Load the index, its embedder and the models, refusing any combination that disagrees.
+        `sampling`: per model name, sampling options of its family to serve it with."""
         if not model_paths:
             raise ValueError("at least one model is needed (name -> checkpoint folder)")
+        sampling = dict(sampling or {})
+        unknown = sorted(set(sampling) - set(model_paths))
+        if unknown:
+            raise ValueError(f"sampling options for unknown model(s) {unknown}; models: {', '.join(model_paths)}")
         index = IndexDirectory.open(index_path)
         embedder = check_index(index, {})  # a wrong embedder fails before the slow model loading
-        models = {name: LoadedModel(name, *load_generator(path)) for name, path in model_paths.items()}
+        models = {name: LoadedModel(name, *load_generator(path, sampling=sampling.get(name)))
+                  for name, path in model_paths.items()}
         return cls(index, embedder, models, limits, index_source=index_path, batching=batching)  # checks every model's schema
 
     # -- the served index, and swapping it ----------------------------------------------------

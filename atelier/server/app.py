@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -169,8 +170,10 @@ def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0",
 
 def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: int = 8, limits: Limits | None = None,
           security: SecurityConfig | None = None, *, watch_index: float | None = None, grace: float = 5.0,
-          drain: float = 0.0, batching: BatchPolicy | None = None) -> None:
-    """`atelier serve`: listen (NOT_SERVING), load, serve until SIGINT/SIGTERM, shut down gracefully."""
+          drain: float = 0.0, batching: BatchPolicy | None = None,
+          sampling: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """`atelier serve`: listen (NOT_SERVING), load, serve until SIGINT/SIGTERM, shut down gracefully.
+    `sampling`: per model name, sampling options to serve it with (RetrievalService.open)."""
     limits = limits or Limits()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -180,7 +183,7 @@ def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: in
     log.info("security: %s", security.describe() if security else "plaintext, no tokens")
     log.info("port %d bound (health NOT_SERVING); loading models and index", running.port)
     try:
-        service = running.load(lambda: RetrievalService.open(index, models, limits, batching))
+        service = running.load(lambda: RetrievalService.open(index, models, limits, batching, sampling))
     except BaseException:
         running.stop(grace=0)
         raise
