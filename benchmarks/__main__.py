@@ -1,6 +1,6 @@
 """Run the performance benchmarks and write one report: `python -m benchmarks`.
 
-    .venv/bin/python -m benchmarks                     # all five, full size (~45 min on 2 cores)
+    .venv/bin/python -m benchmarks                     # all five, full size (~40 min on 2 cores before families, which adds ~2)
     .venv/bin/python -m benchmarks --only index,serving
     .venv/bin/python -m benchmarks --quick             # every benchmark at toy size (a smoke run)
 

@@ -102,6 +102,17 @@ def tiny_model(tmp_path_factory, small_catalogue) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flow_checkpoint(tmp_path_factory, small_catalogue) -> Path:
+    """A tiny flow trained two steps on the small catalogue (test_flow, test_distill)."""
+    from atelier.generator.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("flow") / "model"
+    train(TrainConfig(catalogue=small_catalogue, out=out, model="flow", epochs=1, batch_size=16, max_steps=2,
+                      progress=False, model_overrides={"width": 8, "sample_steps": 2}))
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_index(tmp_path_factory, small_catalogue, mobilenet_weights) -> Path:
     from atelier.indexer.runner import reindex
 

@@ -12,13 +12,8 @@ from tests.test_flow import SCHEMA, TINY, condition
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory, small_catalogue):
-    from atelier.generator.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("teacher") / "flow"
-    train(TrainConfig(catalogue=small_catalogue, out=out, model="flow", epochs=1, batch_size=16, max_steps=2,
-                      progress=False, model_overrides={"width": 8, "sample_steps": 2}))
-    return out
+def teacher(flow_checkpoint):  # the shared tiny flow (conftest) is the teacher
+    return flow_checkpoint
 
 
 def test_the_loss_is_one_euler_step_from_the_noise_against_the_teacher():

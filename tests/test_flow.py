@@ -118,16 +118,6 @@ def test_unknown_options_are_refused():
 
 
 @pytest.fixture(scope="module")
-def flow_checkpoint(tmp_path_factory, small_catalogue):
-    from atelier.generator.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("flow") / "model"
-    train(TrainConfig(catalogue=small_catalogue, out=out, model="flow", epochs=1, batch_size=16, max_steps=2,
-                      progress=False, model_overrides={"width": 8, "sample_steps": 2}))
-    return out
-
-
-@pytest.fixture(scope="module")
 def flow_service(flow_checkpoint, small_index):
     from atelier.retrieval.service import RetrievalService
 

@@ -35,7 +35,6 @@ from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue
 from atelier.generator.checkpoint import load_extra, load_generator
 from atelier.generator.flow import Flow, FlowTrainer, training_condition
-from atelier.generator.recipes import ema_update
 from atelier.generator.train import Publisher, Run, TrainConfig, prepare_data, run_epochs
 from atelier.progress import progress_bar
 
@@ -64,22 +63,13 @@ class DistillConfig:
 
 
 class DistillTrainer(FlowTrainer):
-    """FlowTrainer's optimiser, clipping and EMA, on the one-step regression loss. A batch holds
-    the teacher's drawing and its noise side by side on the channel axis."""
+    """FlowTrainer's optimiser, warm-up, clipping and EMA, on the one-step regression loss. A
+    batch holds the teacher's drawing and its noise side by side on the channel axis."""
 
     def step(self, pair: torch.Tensor, condition: torch.Tensor) -> dict[str, float]:
-        online, cfg = self.online, self.model.config
         channels = pair.shape[1] // 2
         target, noise = pair[:, :channels], pair[:, channels:]
-        loss = one_step_loss(online, noise, condition, target)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.grad_clip)
-        self.opt.step()
-        online.trained_steps += 1
-        step = int(online.trained_steps)
-        ema_update(self.model, online, min(cfg.ema_decay, step / (10 + step)))  # warm-up: early steps count
-        return {"loss": loss.item(), "grad_norm": float(grad_norm)}
+        return self.update(one_step_loss(self.online, noise, condition, target))
 
 
 def one_step_loss(model: Flow, noise: torch.Tensor, condition: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -141,7 +131,7 @@ def _student(cfg: DistillConfig, teacher: Flow, teacher_manifest: dict[str, Any]
     config = dataclasses.replace(teacher.config, lr=cfg.lr, **STUDENT_SAMPLING)
     student = Flow(teacher.schema, config)
     student.load_state_dict(teacher.state_dict())
-    student.trained_steps.zero_()  # the student's own step count (its EMA warm-up starts again)
+    student.trained_steps.zero_()  # the student's own step count: its warm-ups start again
     record = {"path": str(cfg.teacher), "weights_sha256": teacher_manifest["weights_sha256"],
               "distilled": {"teacher_sampling": {k: getattr(teacher.config, k) for k in Flow.SAMPLING_OPTIONS},
                             "pairs": cfg.pairs, "seed": cfg.seed},

@@ -311,14 +311,18 @@ class FlowTrainer:
 
     def step(self, real: torch.Tensor, condition: torch.Tensor) -> dict[str, float]:
         online, cfg = self.online, self.model.config
-        step = int(online.trained_steps)
-        for group in self.opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
         condition = training_condition(condition, online.embed.sizes, cfg.condition_dropout, cfg.drop_all)
         real = real.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(real)
         t = sample_times(len(real), cfg.time_sampling, real.device)
-        loss = flow_matching_loss(online, real, condition, noise, t)
+        return self.update(flow_matching_loss(online, real, condition, noise, t))
+
+    def update(self, loss: torch.Tensor) -> dict[str, float]:
+        """One Adam step on the trained copy's `loss` (learning-rate warm-up, clipping), then the EMA."""
+        online, cfg = self.online, self.model.config
+        step = int(online.trained_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.grad_clip)
