@@ -25,11 +25,33 @@ def _override(text: str) -> tuple[str, object]:
         return key, value
 
 
+# the table importer's options (`atelier import table`), passed only when given
+TABLE_OPTIONS = ("id_column", "image_column", "attributes", "multi_label", "image_root", "fetch_workers",
+                 "fetch_timeout", "fetch_retries", "image_cache", "max_failures")
+
+
+def _column_list(text: str) -> list[str]:
+    columns = [c.strip() for c in text.split(",") if c.strip()]
+    if not columns:
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, got {text!r}")
+    return columns
+
+
+def _multi_label(text: str) -> tuple[str, str]:
+    column, colon, separator = text.partition(":")
+    if not colon or not column.strip() or not separator:
+        raise argparse.ArgumentTypeError(f"expected COLUMN:SEPARATOR (e.g. tags:|), got {text!r}")
+    return column.strip(), separator
+
+
 def cmd_import(args: argparse.Namespace) -> None:
     from atelier.catalog import importer_options, run_import
 
-    given = {"selection": args.selection, "size": args.size, "limit": args.limit}
+    given = {"selection": args.selection, "size": args.size, "limit": args.limit,
+             **{name: getattr(args, name) for name in TABLE_OPTIONS}}
     options = {k: v for k, v in given.items() if v is not None}
+    if "multi_label" in options:
+        options["multi_label"] = dict(options["multi_label"])
     if "progress" in importer_options(args.dataset):
         options["progress"] = not args.quiet
     catalogue = run_import(args.dataset, args.source, args.out, **options)
@@ -44,14 +66,37 @@ def _import_parser(verbs) -> None:
     p.add_argument("--out", type=Path, required=True, help="catalogue folder to publish")
     p.add_argument("--source", type=Path,
                    help="dataset folder: Fashion-MNIST IDX files (default: Debian's package, then download); "
-                        "Fashion Product Images as Parquet or styles.csv + images/; DeepFashion's root")
+                        "Fashion Product Images as Parquet or styles.csv + images/; DeepFashion's root; "
+                        "for table, the .csv / .parquet / .jsonl / .ndjson file")
     p.add_argument("--selection",
                    help="Fashion Product Images attribute selection: apparel-6x6 (default), wear-3x3, "
-                        "apparel-6x6-all, full (see atelier/catalog/fashion_product_images.py)")
+                        "apparel-6x6-all, full (see atelier/catalog/fashion_product_images.py); for table, a TOML "
+                        "file of per-group rules: top, min_count, rare, missing, where, other "
+                        "(see atelier/catalog/table.py)")
     p.add_argument("--size", type=int,
                    help="square image size in px (default 64; not for Fashion-MNIST, which is 28 px)")
     p.add_argument("--limit", type=int, help="import the first N products only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    t = p.add_argument_group("table options", "a shop's own table, one row per product (atelier import table)")
+    t.add_argument("--id-column", metavar="COL", help="the column of unique product ids (required)")
+    t.add_argument("--image-column", metavar="COL",
+                   help="the column of photos (required): a path (relative to --image-root), a file:// or data: "
+                        "URI, an http(s) URL, or image bytes (Parquet)")
+    t.add_argument("--attributes", type=_column_list, metavar="A,B,...",
+                   help="the attribute columns (required), comma-separated; each becomes a group of that name")
+    t.add_argument("--multi-label", type=_multi_label, action="append", metavar="COL:SEP",
+                   help="attribute COL holds several values separated by SEP, e.g. tags:| (repeat per column)")
+    t.add_argument("--image-root", type=Path, metavar="DIR",
+                   help="where relative image paths start (default: the table's folder)")
+    t.add_argument("--fetch-workers", type=int, metavar="N", help="parallel downloads of URL photos (default 8)")
+    t.add_argument("--fetch-timeout", type=float, metavar="SECONDS", help="a request's timeout (default 10)")
+    t.add_argument("--fetch-retries", type=int, metavar="N",
+                   help="retries after a timeout, connection error or 5xx, not a 404 (default 2)")
+    t.add_argument("--image-cache", type=Path, metavar="DIR",
+                   help="downloaded photos, by URL; a second import reads them here (default ~/.cache/atelier/images)")
+    t.add_argument("--max-failures", type=float, metavar="FRACTION",
+                   help="if more than this fraction of the products has no usable photo, fail and publish "
+                        "nothing (default 0.05)")
     p.set_defaults(func=cmd_import)
 
 
@@ -148,7 +193,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from atelier.generator.distill import DistillConfig, distill
 
     folder = distill(DistillConfig(
-        teacher=args.teacher, catalogue=args.catalogue, out=args.out, pairs=args.pairs, epochs=args.epochs,
+        teacher=args.teacher, catalogue=args.catalogue, out=args.out, teacher_sampling=dict(args.teacher_sampling),
+        pairs=args.pairs, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, max_seconds=args.max_seconds, max_steps=args.max_steps,
         seed=args.seed, threads=args.threads, resume=args.resume, progress=not args.quiet, command=_command(args)))
     print(f"checkpoint: {args.out} -> {folder}")
@@ -165,6 +211,9 @@ def _distill_parser(verbs) -> None:
     p.add_argument("--teacher", type=Path, required=True, help="a flow checkpoint")
     p.add_argument("--catalogue", type=Path, required=True, help="the teacher's catalogue (its train split's labels)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder for the student")
+    p.add_argument("--teacher-sampling", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="how the teacher draws the pairs, if not as its checkpoint says (sample_steps, solver, "
+                        "guidance, compose; e.g. --teacher-sampling guidance=1.2); repeat")
     p.add_argument("--pairs", type=int, default=20_000, help="teacher drawings to learn from (default 20000)")
     p.add_argument("--epochs", type=int, default=20, help="passes over the pairs (default 20)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -416,9 +465,13 @@ def _demo_parser(verbs) -> None:
     p.add_argument("--dataset", default="fashion-mnist", choices=DEMO_DATASETS.names(),
                    help="fashion-mnist (10 classes, default) or fashion-product-images (type x colour; needs --data)")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for artifacts and report (default demo-out)")
-    p.add_argument("--train-seconds", type=float, default=120.0, help="training budget in seconds (default 120)")
+    p.add_argument("--train-seconds", type=float, default=120.0,
+                   help="training budget in seconds (default 120), when the demo trains: with --init or "
+                        "--from-scratch, or for fashion-product-images (fashion-mnist serves its committed "
+                        "distilled flow as it is)")
     p.add_argument("--init", type=Path, metavar="CHECKPOINT",
-                   help="fine-tune from this checkpoint (default: the dataset's committed one under checkpoints/, if present)")
+                   help="fine-tune from this checkpoint (default for fashion-product-images: its committed one "
+                        "under checkpoints/)")
     p.add_argument("--from-scratch", action="store_true", help="train from random weights instead of --init")
     p.add_argument("--checkpoint", type=Path, help="serve this checkpoint as it is (no training)")
     p.add_argument("--data", "--source", dest="source", type=Path,

@@ -55,7 +55,10 @@ def test_the_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path, idx_dir, mo
     assert f"spread of the drawings: {spread['drawings']:.3f}  (real products: {spread['real_products']:.3f}" in printed
     assert results["index_products"] == 300 and results["health"] == "SERVING"
     assert len(results["queries"]) == 10 and all(len(q["products"]) == 5 for q in results["queries"])
-    assert results["model_training"]["init_from"]["path"].endswith("flow-fashion-mnist")  # the committed checkpoint
+    # the committed one-pass flow, served as it is (fine-tuning would undo its distillation)
+    assert results["model"].endswith("checkpoints/flow-distilled-fashion-mnist")
+    assert "distilled" in results["model_training"]["init_from"] and "fine-tuning" not in printed
+    assert "serving the committed" in printed
     report = (tmp_path / "out" / "report.html").read_text()
     assert report.count("<figure") == 50 and "data:image/png;base64" in report
     assert (tmp_path / "out" / "grid.png").read_bytes().startswith(b"\x89PNG")

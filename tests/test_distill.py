@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from atelier.generator.checkpoint import load_generator
-from atelier.generator.distill import DistillConfig, distill, one_step_loss, pair_conditions
+from atelier.generator.distill import DistillConfig, distill, one_step_loss, pair_conditions, sampling_tag
 from atelier.generator.flow import Flow, FlowConfig
 from tests.test_flow import SCHEMA, TINY, condition
 
@@ -58,6 +58,26 @@ def test_the_student_learns_from_the_drawings_serving_gives_and_keeps_them(teach
     stamps = [c.stat().st_mtime_ns for c in chunks]
     distill(DistillConfig(**{**cfg.__dict__, "out": out, "resume": True}))
     assert [c.stat().st_mtime_ns for c in chunks] == stamps
+
+
+def test_the_teacher_may_draw_with_other_sampling_and_its_pairs_are_kept_apart(teacher, small_catalogue, tmp_path):
+    out = tmp_path / "student"
+    common = dict(teacher=teacher, catalogue=small_catalogue, out=out, pairs=16, epochs=1, batch_size=16,
+                  progress=False)
+    distill(DistillConfig(**common))
+    distill(DistillConfig(**common, teacher_sampling={"guidance": 1.0}, resume=False))
+    chunks = sorted((tmp_path / "student.pairs").glob("pairs-*.safetensors"))
+    default, _ = load_generator(teacher)
+    unguided, manifest = load_generator(teacher, sampling={"guidance": 1.0})
+    tags = {sampling_tag(default), sampling_tag(unguided)}
+    assert len(tags) == 2 and {c.name.split("-")[2] for c in chunks} == tags
+    drawn = load_file(next(c for c in chunks if sampling_tag(unguided) in c.name))
+    served = unguided.sample_conditions(drawn["condition"][:2].numpy(), [0, 1])
+    assert (served == ((drawn["drawing"][:2] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()).all()
+    _, student_manifest = load_generator(out)
+    assert student_manifest["training"]["init_from"]["distilled"]["teacher_sampling"]["guidance"] == 1.0
+    with pytest.raises(ValueError, match="flow has no sampling option \\['width'\\]"):
+        distill(DistillConfig(**common, teacher_sampling={"width": 3}))
 
 
 def test_resume_at_an_epoch_boundary_continues_exactly(teacher, small_catalogue, tmp_path):

@@ -115,6 +115,30 @@ def test_unknown_options_are_refused():
         Flow(SCHEMA, FlowConfig(**{**TINY, "solver": "rk9"}))
     with pytest.raises(ValueError, match="cannot be halved"):
         Flow(SCHEMA, FlowConfig(**{**TINY, "image_size": 7}))
+    with pytest.raises(ValueError, match="patch 3 must be at least 1 and divide image_size 8"):
+        Flow(SCHEMA, FlowConfig(**{**TINY, "patch": 3}))
+
+
+def test_a_patched_unet_runs_at_the_folded_size_and_keeps_pixels_apart():
+    model = tiny(patch=2, channels=3)
+    assert model.net.stem.in_channels == 12 and model.net.out.out_channels == 12
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0.2, 0.9])
+    cond = condition({"type": "Dress"}, {})
+    seen = []
+    hook = model.net.stem.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    v = model.velocity(x, t, cond)
+    hook.remove()
+    assert seen == [torch.Size([2, 12, 4, 4])] and v.shape == x.shape
+    # the fold is a permutation of pixels: unfolding the stem's input gives the image back
+    folded = torch.nn.functional.pixel_unshuffle(x, 2)
+    assert torch.equal(torch.nn.functional.pixel_shuffle(folded, 2), x)
+    # a change at one pixel reaches the output there; the other row of the batch is untouched
+    x2 = x.clone()
+    x2[0, :, 0, 0] += 1.0
+    changed = (model.velocity(x2, t, cond) - v).abs().sum(dim=1)[0]
+    assert changed[0, 0] > 0 and torch.equal(model.velocity(x2, t, cond)[1], v[1])
+    images = model.sample({"type": "Bag"}, n=2, seed=1)
+    assert images.shape == (2, 8, 8, 3)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def test_every_part_registers_where_it_is_defined():
 
     assert FAMILIES.names() == ["cdpggan", "cgan", "cpggan", "cvae", "flow", "mcgan", "stage2"]
     assert all(FAMILIES.get(name).family == name for name in FAMILIES)
-    assert IMPORTERS.names() == ["deepfashion", "fashion-mnist", "fashion-product-images"]
+    assert IMPORTERS.names() == ["deepfashion", "fashion-mnist", "fashion-product-images", "table"]
     assert EMBEDDERS.names() == ["mobilenet_v2"] and ARCHITECTURES.names() == ["judge_cnn", "mobilenet_v2"]
     assert DEMO_DATASETS.names() == ["fashion-mnist", "fashion-product-images"]
     for dataset in DEMO_DATASETS:  # a demo dataset names a registered importer and family

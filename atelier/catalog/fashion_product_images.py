@@ -8,13 +8,14 @@ Two source layouts, detected from what the folder holds:
   keeps the rest), `NA` and empty fields (missing), ids whose image file does not exist
   (skipped and counted, like undecodable images in either layout).
 
-Which attributes become attribute groups is configuration (`AttributeSelection`). Each group
-takes a source column as is, or derives its values from rules; it may keep only its `top` most
-frequent values and values with at least `min_count` rows, and says what happens to the rest
-(`rare`) and to rows without a value (`missing`): map them to the selection's `other` value,
-or leave the row out. Groups are resolved in order: a group's counts cover the rows that the
-`where` filter and the earlier groups kept. The schema lists each group's values by frequency
-in the catalogue (descending, then name), `other` last; ties in `top` also break by name.
+Which attributes become attribute groups is configuration (`AttributeSelection`, whose rules
+are atelier/catalog/selection.py's, shared with the table importer). Each group takes a source
+column as is, or derives its values from rules; it may keep only its `top` most frequent values
+and values with at least `min_count` rows, and says what happens to the rest (`rare`) and to
+rows without a value (`missing`): map them to the selection's `other` value, or leave the row
+out. Groups are resolved in order: a group's counts cover the rows that the `where` filter and
+the earlier groups kept. The schema lists each group's values by frequency in the catalogue
+(descending, then name), `other` last; ties in `top` also break by name.
 
 Presets (`PRESETS`), the seed's experiments and one for everything:
 - `apparel-6x6`: masterCategory == Apparel; `type` = subCategory, top 6; `colour` = baseColour,
@@ -39,11 +40,9 @@ PNG. Splits: the dataset has none, so a product's split is a pure function of it
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -53,10 +52,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from atelier.catalog import selection as selection_rules
 from atelier.catalog.catalogue import Catalogue, write_catalogue
 from atelier.catalog.images import ImageDecodeError, decode_image, encode_png, to_square
 from atelier.catalog.importers import IMPORTERS
-from atelier.catalog.schema import AttributeGroup, AttributeSchema
+from atelier.catalog.selection import POLICIES, Selected  # noqa: F401  (importable from here, as before)
 from atelier.progress import progress_bar
 
 ATTRIBUTE_COLUMNS = (
@@ -64,7 +64,6 @@ ATTRIBUTE_COLUMNS = (
 )
 STYLES_HEADER = ("id", *ATTRIBUTE_COLUMNS)
 MISSING_TOKENS = frozenset({"", "NA"})  # how styles.csv spells a missing value
-POLICIES = ("other", "drop")
 TEST_PERCENT = 10
 LAYOUTS = ("parquet", "styles.csv")
 MAX_LISTED_IDS = 100  # skipped ids named in the manifest (the counts are always complete)
@@ -77,80 +76,18 @@ def split_of(product_id: str) -> str:
 
 
 # -- attribute selection ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GroupSelection:
-    """One attribute group: where its values come from and what happens to the rest.
+# The machinery is atelier/catalog/selection.py; here its groups may name styles.csv's columns only,
+# checked when a selection is made.
+class GroupSelection(selection_rules.GroupSelection):
+    """A `selection.GroupSelection` over Fashion Product Images' columns."""
 
-    `column` takes a source column as is; `derive` instead maps value -> (column, source value),
-    first match wins, rows matching no rule count as missing.
-    """
-
-    name: str
-    column: str | None = None
-    derive: Mapping[str, tuple[str, str]] = field(default_factory=dict)
-    top: int | None = None
-    min_count: int = 1
-    rare: str = "drop"
-    missing: str = "drop"
-
-    def __post_init__(self) -> None:
-        if (self.column is None) == (not self.derive):
-            raise ValueError(f"group {self.name!r}: give either column or derive rules, not both or neither")
-        for col in self.source_columns:
-            if col not in ATTRIBUTE_COLUMNS:
-                raise ValueError(f"group {self.name!r}: unknown column {col!r}; allowed: {', '.join(ATTRIBUTE_COLUMNS)}")
-        for policy, value in (("rare", self.rare), ("missing", self.missing)):
-            if value not in POLICIES:
-                raise ValueError(f"group {self.name!r}: {policy}={value!r}; allowed: {', '.join(POLICIES)}")
-        if self.top is not None and self.top < 1:
-            raise ValueError(f"group {self.name!r}: top must be >= 1 or None, got {self.top}")
-        if self.min_count < 1:
-            raise ValueError(f"group {self.name!r}: min_count must be >= 1, got {self.min_count}")
-
-    @property
-    def source_columns(self) -> tuple[str, ...]:
-        return (self.column,) if self.column is not None else tuple(dict.fromkeys(c for c, _ in self.derive.values()))
-
-    def raw_values(self, columns: Mapping[str, list]) -> list[str | None]:
-        if self.column is not None:
-            return [None if v is None else str(v) for v in columns[self.column]]
-        n = len(next(iter(columns.values())))
-        out: list[str | None] = [None] * n
-        for value, (col, source_value) in reversed(list(self.derive.items())):  # first rule wins
-            for i, v in enumerate(columns[col]):
-                if v is not None and str(v) == source_value:
-                    out[i] = value
-        return out
+    allowed_columns = ATTRIBUTE_COLUMNS
 
 
-@dataclass(frozen=True)
-class AttributeSelection:
-    """Which rows (`where`: column -> allowed values) and which attribute groups to import."""
+class AttributeSelection(selection_rules.AttributeSelection):
+    """A `selection.AttributeSelection` whose `where` names Fashion Product Images' columns."""
 
-    name: str
-    groups: tuple[GroupSelection, ...]
-    where: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    other: str = "other"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "groups", tuple(self.groups))
-        where = {c: tuple(str(x) for x in ((v,) if isinstance(v, (str, int)) else v)) for c, v in self.where.items()}
-        object.__setattr__(self, "where", where)
-        names = [g.name for g in self.groups]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"selection {self.name!r}: needs at least one group and unique group names, got {names}")
-        for col in self.where:
-            if col not in ATTRIBUTE_COLUMNS:
-                raise ValueError(
-                    f"selection {self.name!r}: where on unknown column {col!r}; allowed: {', '.join(ATTRIBUTE_COLUMNS)}"
-                )
-
-    @property
-    def source_columns(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys([*self.where, *(c for g in self.groups for c in g.source_columns)]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    allowed_columns = ATTRIBUTE_COLUMNS
 
 
 # What apparel-6x6 selects from the real data (test_fashion_product_images checks they agree).
@@ -195,8 +132,8 @@ PRESETS: dict[str, AttributeSelection] = {
 }
 
 
-def resolve_selection(selection: str | AttributeSelection) -> AttributeSelection:
-    if isinstance(selection, AttributeSelection):
+def resolve_selection(selection: str | selection_rules.AttributeSelection) -> selection_rules.AttributeSelection:
+    if isinstance(selection, selection_rules.AttributeSelection):
         return selection
     try:
         return PRESETS[selection]
@@ -204,75 +141,9 @@ def resolve_selection(selection: str | AttributeSelection) -> AttributeSelection
         raise ValueError(f"unknown attribute selection {selection!r}; presets: {', '.join(PRESETS)}") from None
 
 
-@dataclass
-class Selected:
-    """The rows a selection keeps (id, split, one column per group, source order), and why others went."""
-
-    table: pa.Table
-    schema: AttributeSchema
-    report: dict[str, Any]
-
-
-def select_attributes(attributes: pa.Table, selection: str | AttributeSelection) -> Selected:
-    """Apply a selection to a source's attribute rows (no images involved: this is cheap)."""
-    selection = resolve_selection(selection)
-    absent = [c for c in ("id", *selection.source_columns) if c not in attributes.column_names]
-    if absent:
-        raise ValueError(f"selection {selection.name!r} needs column(s) {absent}; the source has {attributes.column_names}")
-    columns = {c: attributes.column(c).to_pylist() for c in ("id", *selection.source_columns)}
-    n = attributes.num_rows
-    keep = [True] * n
-    report: dict[str, Any] = {"selection": selection.name, "rows_in": n, "dropped_by_where": 0, "groups": {}}
-    for col, allowed in selection.where.items():
-        allowed_set = set(allowed)
-        for i, v in enumerate(columns[col]):
-            if keep[i] and (None if v is None else str(v)) not in allowed_set:
-                keep[i] = False
-                report["dropped_by_where"] += 1
-
-    other = selection.other
-    values: dict[str, list[str | None]] = {}
-    for g in selection.groups:
-        raw = g.raw_values(columns)
-        counts = Counter(v for i, v in enumerate(raw) if keep[i] and v is not None)
-        ranked = sorted(counts, key=lambda v: (-counts[v], v))
-        vocabulary = set([v for v in ranked if counts[v] >= g.min_count][: g.top])
-        rare_values = sorted(set(counts) - vocabulary)
-        if (g.rare == "other" or g.missing == "other") and other.casefold() in {v.casefold() for v in vocabulary}:
-            raise ValueError(f"group {g.name!r}: the data has a value {other!r}; give the selection another `other` name")
-        stats = {"missing": 0, "rare": 0, "missing_policy": g.missing, "rare_policy": g.rare, "rare_values": rare_values}
-        out: list[str | None] = [None] * n
-        for i, v in enumerate(raw):
-            if not keep[i]:
-                continue
-            kind = "missing" if v is None else None if v in vocabulary else "rare"
-            if kind is None:
-                out[i] = v
-                continue
-            stats[kind] += 1
-            if getattr(g, kind) == "drop":
-                keep[i] = False
-            else:
-                out[i] = other
-        values[g.name] = out
-        report["groups"][g.name] = stats
-
-    rows = [i for i in range(n) if keep[i]]
-    if not rows:
-        raise ValueError(f"selection {selection.name!r} keeps none of the {n} source rows")
-    ids = [columns["id"][i] for i in rows]
-    table = pa.table({
-        "id": pa.array(ids, pa.string()),
-        "split": pa.array([split_of(x) for x in ids], pa.string()),
-        **{name: pa.array([vals[i] for i in rows], pa.string()) for name, vals in values.items()},
-    })
-    groups = []
-    for g in selection.groups:
-        counts = Counter(table.column(g.name).to_pylist())
-        real = sorted((v for v in counts if v != other), key=lambda v: (-counts[v], v))
-        groups.append(AttributeGroup(g.name, tuple(real + ([other] if other in counts else []))))
-    report["rows_out"] = len(rows)
-    return Selected(table, AttributeSchema(tuple(groups)), report)
+def select_attributes(attributes: pa.Table, selection: str | selection_rules.AttributeSelection) -> Selected:
+    """Apply a selection (a preset's name or an AttributeSelection) to the source's attribute rows."""
+    return selection_rules.select_attributes(attributes, resolve_selection(selection), split_of)
 
 
 # -- sources --------------------------------------------------------------------------------------

@@ -406,7 +406,8 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                 f"({len(report['conditions'])} combinations x {report['settings']['retrieval_repeats']} seeds)",
                 head, rows))
     if report.get("retrieval_by_split"):
-        head = ["model", "conditions", *(f"{g} acc." for g in groups), "all acc.", *(f"{g} p@5" for g in [*groups, ALL])]
+        k = "5" if "5" in ks else ks[0]  # one cut-off: 5 unless the run did not ask for it
+        head = ["model", "conditions", *(f"{g} acc." for g in groups), "all acc.", *(f"{g} p@{k}" for g in [*groups, ALL])]
         rows = []
         for name, r in results.items():
             if name == REAL:
@@ -415,7 +416,7 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                 accuracy = r.get(f"accuracy_{label}") or {}
                 precision = report["retrieval_by_split"][label].get(name, {})
                 rows.append([name, label.replace("_", "-"), *(_f(accuracy.get(g)) for g in groups),
-                             _f(accuracy.get("all")), *(_f(precision.get(g, {}).get("5")) for g in [*groups, ALL])])
+                             _f(accuracy.get("all")), *(_f(precision.get(g, {}).get(k)) for g in [*groups, ALL])])
         out.append((f"Compositional hold-out: {', '.join('/'.join(c.values()) for c in report['held_out'])}",
                     head, rows))
     return out

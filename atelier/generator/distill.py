@@ -7,7 +7,9 @@ the teacher's network trained to make the same map in one Euler step, x = z + v(
 by mean squared error against the teacher's drawings for the same z and c (distillation of
 the ODE's end point, Luhman & Luhman 2021; rectified flow's nearly straight paths make that map
 smooth, Liu et al. 2022). Guidance is folded in: the student serves with guidance 1, so a
-drawing costs one pass, about 1/40 of the teacher's.
+drawing costs one pass, about 1/40 of the teacher's. The teacher may draw with other sampling
+options than its checkpoint's (`teacher_sampling`, e.g. a lower guidance for more varied
+drawings); the student learns whatever the teacher draws.
 
 Pairs: condition i is training row i's (cycling through the train split), with groups left out
 as in the teacher's training (`condition_dropout`, `drop_all`), so the student still takes any
@@ -22,8 +24,10 @@ served, evaluated and sampled like any flow; its manifest says which teacher it 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,7 @@ from atelier.generator.flow import Flow, FlowTrainer, training_condition
 from atelier.generator.train import Publisher, Run, TrainConfig, prepare_data, run_epochs
 from atelier.progress import progress_bar
 
-__all__ = ["DistillConfig", "DistillTrainer", "distill", "teacher_pairs"]
+__all__ = ["DistillConfig", "DistillTrainer", "distill", "sampling_tag", "teacher_pairs"]
 
 STUDENT_SAMPLING = {"sample_steps": 1, "solver": "euler", "guidance": 1.0}
 
@@ -48,6 +52,7 @@ class DistillConfig:
     teacher: Path
     catalogue: Path  # the teacher's catalogue: its train split gives the conditions' mix
     out: Path
+    teacher_sampling: dict[str, Any] = field(default_factory=dict)  # e.g. {"guidance": 1.2}; else the teacher's own
     pairs: int = 20_000  # teacher drawings to learn from
     epochs: int = 20
     batch_size: int = 64
@@ -86,17 +91,23 @@ def pair_conditions(teacher: Flow, conditions: torch.Tensor, n: int, seed: int) 
     return training_condition(rows, teacher.embed.sizes, cfg.condition_dropout, cfg.drop_all)
 
 
+def sampling_tag(teacher: Flow) -> str:
+    """A short hash of how the teacher draws, so pairs drawn with other sampling are never reused."""
+    options = {k: getattr(teacher.config, k) for k in Flow.SAMPLING_OPTIONS}
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def teacher_pairs(teacher: Flow, teacher_sha256: str, conditions: torch.Tensor, folder: Path, chunk: int, seed: int,
                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noise, condition, teacher drawing) for each condition row: pair i's noise from seed
-    `seed + i`. Chunks already in `folder` from the same teacher weights, seed and conditions
-    are read back."""
+    `seed + i`. Chunks already in `folder` from the same teacher weights, sampling options, seed
+    and conditions are read back."""
     folder.mkdir(parents=True, exist_ok=True)
-    parts = []
+    parts, tag = [], sampling_tag(teacher)
     with progress_bar(total=len(conditions), desc="teacher drawings", unit="img", disable=not progress) as bar:
         for start in range(0, len(conditions), chunk):
             cond = conditions[start:start + chunk]
-            path = folder / f"pairs-{teacher_sha256[:12]}-{seed}-{start:08d}-{len(cond)}.safetensors"
+            path = folder / f"pairs-{teacher_sha256[:12]}-{tag}-{seed}-{start:08d}-{len(cond)}.safetensors"
             if path.is_file():
                 saved = load_file(path)
                 if torch.equal(saved["condition"], cond):
@@ -145,7 +156,7 @@ def distill(cfg: DistillConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     if cfg.pairs < cfg.batch_size:
         raise ValueError(f"--pairs {cfg.pairs} is fewer than one batch of {cfg.batch_size}")
-    teacher, teacher_manifest = load_generator(cfg.teacher)
+    teacher, teacher_manifest = load_generator(cfg.teacher, sampling=cfg.teacher_sampling or None)
     if teacher.family != "flow":
         raise ValueError(f"{cfg.teacher} holds a {teacher.family!r} model; only a flow can be distilled")
     catalogue = Catalogue.open(cfg.catalogue)
