@@ -65,6 +65,7 @@ ATTRIBUTE_COLUMNS = (
 STYLES_HEADER = ("id", *ATTRIBUTE_COLUMNS)
 MISSING_TOKENS = frozenset({"", "NA"})  # how styles.csv spells a missing value
 TEST_PERCENT = 10
+SPLIT_RULE = f"sha256(id)[:8] as big-endian int % 100 < {TEST_PERCENT} -> test, else train"  # what split_of does
 LAYOUTS = ("parquet", "styles.csv")
 MAX_LISTED_IDS = 100  # skipped ids named in the manifest (the counts are always complete)
 
@@ -314,7 +315,7 @@ def import_fashion_product_images(
         "dataset": "Fashion Product Images (Small), Kaggle paramaggarwal/fashion-product-images-small",
         "layout": src.layout, "path": str(Path(source).resolve()), "selection": selection.to_dict(),
         "image_size": size, "limit": limit,
-        "split_rule": f"sha256(id)[:8] as big-endian int % 100 < {TEST_PERCENT} -> test, else train",
+        "split_rule": SPLIT_RULE,
         "images_without_row": src.images_without_row, "selection_report": selected.report,
     }
 

@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from atelier.catalog.catalogue import Catalogue, write_catalogue
-from atelier.catalog.fashion_product_images import TEST_PERCENT, split_of, square_png
+from atelier.catalog.fashion_product_images import SPLIT_RULE, split_of, square_png
 from atelier.catalog.fetch import FetchError, ImageFetcher, is_url
 from atelier.catalog.importers import IMPORTERS
 from atelier.catalog.selection import AttributeSelection, GroupSelection, select_attributes
@@ -370,8 +370,7 @@ def import_table(
         "dataset": "table", "path": str(table.path.resolve()), "format": table.format, "id_column": id_column,
         "image_column": image_column, "attributes": attributes, "multi_label": multi_label, "image_root": str(root),
         "selection": chosen.to_dict(), "image_size": size, "limit": limit, "max_failures": max_failures,
-        "split_rule": "the table's split column" if "split" in table.columns else
-                      f"sha256(id)[:8] as big-endian int % 100 < {TEST_PERCENT} -> test, else train",
+        "split_rule": "the table's split column" if "split" in table.columns else SPLIT_RULE,
         "fetch": {"workers": fetch_workers, "timeout": fetch_timeout, "retries": fetch_retries,
                   "cache": str(fetcher.cache_dir)},
         "selection_report": selected.report,

@@ -82,6 +82,10 @@ class ConditionalGenerator(nn.Module):
     def check_config(self, config: Any) -> None:
         """Raise ValueError naming what is allowed if `config` is not a valid one for the family."""
 
+    def sampling(self) -> dict[str, Any]:
+        """How this copy draws now: its `SAMPLING_OPTIONS` and their values."""
+        return {k: getattr(self.config, k) for k in self.SAMPLING_OPTIONS}
+
     def with_sampling(self, options: Mapping[str, Any]) -> ConditionalGenerator:
         """Set sampling options (`SAMPLING_OPTIONS`) of this loaded model, e.g. fewer ODE steps for a
         faster served copy; the weights are unchanged. Others are refused by name."""

@@ -93,8 +93,7 @@ def pair_conditions(teacher: Flow, conditions: torch.Tensor, n: int, seed: int) 
 
 def sampling_tag(teacher: Flow) -> str:
     """A short hash of how the teacher draws, so pairs drawn with other sampling are never reused."""
-    options = {k: getattr(teacher.config, k) for k in Flow.SAMPLING_OPTIONS}
-    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(teacher.sampling(), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def teacher_pairs(teacher: Flow, teacher_sha256: str, conditions: torch.Tensor, folder: Path, chunk: int, seed: int,
@@ -144,7 +143,7 @@ def _student(cfg: DistillConfig, teacher: Flow, teacher_manifest: dict[str, Any]
     student.load_state_dict(teacher.state_dict())
     student.trained_steps.zero_()  # the student's own step count: its warm-ups start again
     record = {"path": str(cfg.teacher), "weights_sha256": teacher_manifest["weights_sha256"],
-              "distilled": {"teacher_sampling": {k: getattr(teacher.config, k) for k in Flow.SAMPLING_OPTIONS},
+              "distilled": {"teacher_sampling": teacher.sampling(),
                             "pairs": cfg.pairs, "seed": cfg.seed},
               "training": teacher_manifest.get("training", {})}
     return Run(student.train(), DistillTrainer(student), init_record=record)
