@@ -406,6 +406,9 @@ def cmd_query(args: argparse.Namespace) -> None:
     attributes: dict[str, list[str]] = {}
     for key, value in args.attr:
         attributes.setdefault(key, []).append(value)
+    filters: dict[str, list[str]] = {}
+    for key, value in args.filter:
+        filters.setdefault(key, []).append(value)
     try:
         with AtelierClient(args.target, timeout=args.timeout, **_query_security(args)) as client:
             if args.schema or not attributes:
@@ -413,7 +416,7 @@ def cmd_query(args: argparse.Namespace) -> None:
                 return
             response = client.generate_and_retrieve(
                 {k: v[0] if len(v) == 1 else v for k, v in attributes.items()}, args.model, args.num_samples,
-                args.top_k, args.seed, return_images=args.images_out is not None,
+                args.top_k, args.seed, return_images=args.images_out is not None, filters=filters,
             )
     except grpc.RpcError as error:
         raise RuntimeError(f"{error.code().name}: {error.details()}") from None
@@ -438,6 +441,9 @@ def _query_parser(verbs) -> None:
     p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
     p.add_argument("--attr", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
                    help="attribute, e.g. --attr category=Dress (repeat a group for multi-label values)")
+    p.add_argument("--filter", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
+                   help="only products whose metadata has this value, e.g. --filter gender=Women; repeat a "
+                        "group to allow several values (the schema's filterGroups lists the groups)")
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--num-samples", type=int, default=0, help="images to generate (0: server default)")
     p.add_argument("--top-k", type=int, default=0, help="products to return (0: server default)")

@@ -123,3 +123,33 @@ def test_the_batch_shape_decides_the_result_not_the_neighbours(service):
 def test_a_bad_batch_policy_is_refused_naming_the_field(bad, message):
     with pytest.raises(ValueError, match=message):
         BatchPolicy(**bad)
+
+
+def test_finish_lets_the_batch_in_flight_end_and_idle_workers_quit(service, monkeypatch):
+    """What the interpreter-exit hook relies on: finish() waits for a running batch, whose request
+    still gets its answer, and does not wait out idle_seconds for the idle worker."""
+    svc = batched_service(service, max_wait_ms=0, idle_seconds=WAIT * 10)
+    batcher = svc.batchers["cgan"]
+    generator = batcher.generator
+    started, release = threading.Event(), threading.Event()
+    real_sample = generator.sample_conditions
+
+    def held_sample(conditions, seeds):
+        started.set()
+        release.wait(WAIT)
+        return real_sample(conditions, seeds)
+
+    monkeypatch.setattr(generator, "sample_conditions", held_sample)
+    result = {}
+    asker = threading.Thread(target=lambda: result.update(r=svc.generate_and_retrieve(REQUESTS[0])))
+    asker.start()
+    assert started.wait(WAIT)
+    finisher = threading.Thread(target=batcher.finish, args=(WAIT,))
+    finisher.start()
+    finisher.join(0.2)
+    assert finisher.is_alive()  # still waiting for the held batch
+    release.set()
+    finisher.join(WAIT)
+    asker.join(WAIT)
+    assert not finisher.is_alive() and not any(t.is_alive() for t in batcher._threads)
+    assert len(result["r"].products) == REQUESTS[0].top_k

@@ -45,7 +45,8 @@ def test_same_seed_same_answer_and_defaults_apply(client):
 def test_health_and_reflection(client, server):
     assert client.health() == "SERVING"
     assert client.health("atelier.v1.Atelier") == "SERVING"
-    services = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(server.target)).get_services()
+    with grpc.insecure_channel(server.target) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert "atelier.v1.Atelier" in services and "grpc.health.v1.Health" in services
 
 

@@ -12,17 +12,26 @@ and published by one atomic rename (atelier.indexer.runner.publish_index, atelie
 so a reader never sees half an index. Opened memory-mapped: the FAISS file (IO_FLAG_MMAP_IFC)
 and the products (Arrow IPC) are read in place, so the pages are the kernel's page cache,
 shared between processes serving one version and never copied.
+
+Filtered search (`rows_matching`, then `search(..., rows=)`): a product matches when, for every
+filtered group, its value (any of its values, in a multi-label group) is one of those asked; a
+missing value matches nothing. At most EXACT_FILTER_ROWS matching products are scored exactly,
+one query at a time; more go through the index's own search with a FAISS ID selector, at the
+index's own search parameters. Either way every returned row matches, and a query scored on
+its own gives what it gives in any batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from atelier import artifacts
@@ -34,6 +43,9 @@ INDEX_FILE = "index.faiss"
 PRODUCTS_FILE = "products.arrow"
 LEGACY_PRODUCTS_FILE = "products.parquet"  # index versions written before products.arrow
 METRIC = "inner_product"  # vectors are L2-normalised, so this is cosine similarity
+# Up to this many matching products a filtered search scores them all exactly (a 256-d float
+# matrix-vector product over 16k rows is about 1 ms here); beyond, the index's own search.
+EXACT_FILTER_ROWS = 16_384
 
 
 def build_index_directory(
@@ -72,6 +84,7 @@ class IndexDirectory:
     manifest: dict[str, Any]
     index: faiss.Index
     products: pa.Table
+    _columns: dict[str, tuple[np.ndarray, np.ndarray, dict[str, int]]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, path: Path, verify: bool = True) -> IndexDirectory:
@@ -107,9 +120,78 @@ class IndexDirectory:
     def __len__(self) -> int:
         return self.index.ntotal
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows), each (n_queries, k), best first; rows are -1 where fewer than k exist."""
-        return self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self)))
+    def search(self, vectors: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (n_queries, k), best first; rows are -1 where fewer than k exist.
+        `rows` (from `rows_matching`): search only among these index rows."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if rows is None:
+            return self.index.search(vectors, min(k, len(self)))
+        rows = np.asarray(rows, dtype=np.int64)
+        scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
+        found = np.full((len(vectors), k), -1, dtype=np.int64)
+        want = min(k, len(rows))
+        if want == 0:
+            return scores, found
+        exact = np.ones(len(vectors), dtype=bool)
+        if len(rows) > EXACT_FILTER_ROWS:
+            s, f = self.index.search(vectors, want, params=self._selector_parameters(rows))
+            scores[:, :want], found[:, :want] = s, f
+            exact = (f < 0).any(axis=1)  # an approximate search that came back short: score those exactly
+        if exact.any():
+            stored = self.vectors(rows)
+            for q in np.flatnonzero(exact):
+                similarity = stored @ vectors[q]
+                best = np.argsort(-similarity, kind="stable")[:want]
+                scores[q, :want], found[q, :want] = similarity[best], rows[best]
+        return scores, found
+
+    def _selector_parameters(self, rows: np.ndarray) -> faiss.SearchParameters:
+        """Search parameters that keep to `rows`, carrying the index's own nprobe / efSearch
+        (parameters passed to a search replace the index's, defaults included)."""
+        selector = faiss.IDSelectorBatch(rows)
+        inner = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexPreTransform) else self.index
+        ivf = faiss.try_extract_index_ivf(inner)
+        if ivf is not None:
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        elif isinstance(inner, faiss.IndexHNSW):
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        params.keep_alive = selector  # the Python wrapper does not own the selector
+        if isinstance(self.index, faiss.IndexPreTransform):
+            outer = faiss.SearchParametersPreTransform(index_params=params)
+            outer.keep_alive = params
+            return outer
+        return params
+
+    def rows_matching(self, filters: Mapping[str, Sequence[str]]) -> np.ndarray:
+        """Index rows, ascending, whose product has one of the given values in every given group
+        (any of its values, in a multi-label group). Groups must be columns of the products."""
+        mask = np.ones(len(self), dtype=bool)
+        for group, values in filters.items():
+            codes, owners, code_of = self._column_codes(group)
+            wanted = [code_of[v] for v in values if v in code_of]
+            hit = np.zeros(len(self), dtype=bool)
+            hit[owners[np.isin(codes, wanted)]] = True
+            mask &= hit
+        return np.flatnonzero(mask).astype(np.int64)
+
+    def _column_codes(self, group: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+        """A products column as (value codes, the row each code belongs to, value -> code),
+        nulls left out; lists flattened. Built once per column."""
+        if group not in self._columns:
+            column = self.products.column(group).combine_chunks()
+            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                owners = pc.list_parent_indices(column).to_numpy().astype(np.int64)
+                column = pc.list_flatten(column)
+            else:
+                owners = np.arange(len(column), dtype=np.int64)
+            encoded = pc.dictionary_encode(column)
+            codes = encoded.indices.to_numpy(zero_copy_only=False)
+            present = ~np.asarray(pc.is_null(encoded.indices).to_numpy(zero_copy_only=False))
+            code_of = {v: i for i, v in enumerate(encoded.dictionary.to_pylist())}
+            self._columns[group] = (codes[present].astype(np.int64), owners[present], code_of)
+        return self._columns[group]
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """The stored vectors of the given rows (exact for Flat and HNSW,Flat; decoded, so

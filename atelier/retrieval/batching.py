@@ -4,12 +4,13 @@ On CPU a small forward is mostly per-layer overhead: the in-domain embedder does
 at batch 1 and 530 at batch 32 (2 cores). So requests for the same model that arrive within
 `max_wait_ms` of the first waiting one are gathered, up to `max_batch_rows` images, and run as
 one batch by the model's worker thread: one generator run, one embedder run, one FAISS search
-per distinct top_k; each request then merges its own candidates on its own thread.
+per distinct top_k and filter; each request then merges its own candidates on its own thread.
 
 The stages are functions that return their output:
     generate(generator, conditions, seeds, chunk_rows) -> images
     embed(embedder, images, chunk_rows)                 -> vectors
-    search(index, vectors, k)                           -> candidates (index rows)
+    search(index, vectors, k, allowed)                  -> candidates (index rows; allowed:
+                                                           the rows a metadata filter keeps)
 A request hands `ModelBatcher.run` a `BatchRequest` (its rows and what to search them in) and
 gets back its own `Drawn` (its rows of each stage's output, and the timings), through a future
 that the worker resolves once the batch is done; nothing else passes between the two.
@@ -29,8 +30,10 @@ embed and search stages, and a request past it is left out of the rest of the ba
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -43,6 +46,18 @@ from atelier.indexer.index_directory import IndexDirectory
 from atelier.retrieval.stages import EMBED, GENERATE, QUEUE, SEARCH
 
 SEARCH_CHUNK = 16  # queries per FAISS call: under faiss.cvar.distance_compute_blas_threshold
+
+# Workers are daemon threads so that an idle one never holds the process up. One still inside
+# a batch when the interpreter finalizes aborts the process from torch's C++ thread pool
+# ("terminate called without an active exception"), so at exit each batch in flight is let
+# finish first. atexit runs after the interpreter has joined its non-daemon threads.
+_LIVE: weakref.WeakSet[ModelBatcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_batches() -> None:
+    for batcher in list(_LIVE):
+        batcher.finish(timeout=60.0)
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,10 @@ class BatchRequest:
     index: IndexDirectory
     top_k: int
     expired: Callable[[], bool]  # has the request's deadline passed?
+    # a metadata filter: the index rows it allows (None: all), and a key naming the filter, so
+    # requests with the same filter and top_k share one search
+    allowed: np.ndarray | None = None
+    filter_key: tuple = ()
 
     @property
     def rows(self) -> int:
@@ -120,9 +139,10 @@ def embed(embedder: Embedder, images: np.ndarray, chunk_rows: int) -> np.ndarray
     return embedder.embed(images, batch_size=chunk_rows, fixed_shape=True)
 
 
-def search(index: IndexDirectory, vectors: np.ndarray, k: int) -> np.ndarray:
-    """Each vector's k nearest index rows (-1 where fewer exist), SEARCH_CHUNK queries per FAISS call."""
-    return np.concatenate([index.search(vectors[i : i + SEARCH_CHUNK], k)[1]
+def search(index: IndexDirectory, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Each vector's k nearest index rows (-1 where fewer exist), SEARCH_CHUNK queries per FAISS
+    call; `allowed`: only among these rows (IndexDirectory.rows_matching)."""
+    return np.concatenate([index.search(vectors[i : i + SEARCH_CHUNK], k, allowed)[1]
                            for i in range(0, len(vectors), SEARCH_CHUNK)])
 
 
@@ -147,6 +167,9 @@ class ModelBatcher:
         self._gathering = threading.Lock()  # one worker gathers at a time; the others compute
         self._queue: list[_Pending] = []
         self._workers = 0
+        self._threads: list[threading.Thread] = []
+        self._closing = False  # set at interpreter exit: idle workers quit at once
+        _LIVE.add(self)
         self.batches = 0  # counters for benchmarks and logs
         self.batched_requests = 0
 
@@ -159,7 +182,9 @@ class ModelBatcher:
             self._queue.append(pending)
             if self._workers < self.max_workers:
                 self._workers += 1
-                threading.Thread(target=self._serve, name=f"batch-{self.name}", daemon=True).start()
+                worker = threading.Thread(target=self._serve, name=f"batch-{self.name}", daemon=True)
+                self._threads = [t for t in self._threads if t.is_alive()] + [worker]
+                worker.start()
             self._lock.notify_all()
         futures.wait([pending.future], timeout)
         if not pending.future.done():
@@ -175,11 +200,11 @@ class ModelBatcher:
         """Wait for work; then gather same-embedder requests for up to max_wait_ms. None: idle, quit."""
         policy = self.policy
         with self._gathering, self._lock:
-            if not self._queue:
+            if not self._queue and not self._closing:
                 self._lock.wait(policy.idle_seconds)
-                if not self._queue:
-                    self._workers -= 1  # a later run() starts a new worker
-                    return None
+            if not self._queue:
+                self._workers -= 1  # a later run() starts a new worker
+                return None
             first = self._queue[0]
             wait_until = first.queued_at + policy.max_wait_ms / 1000
             while True:
@@ -192,6 +217,16 @@ class ModelBatcher:
                 self._queue.remove(pending)
                 pending.future.set_running_or_notify_cancel()  # never cancelled: run() cancels only what is queued
             return batch
+
+    def finish(self, timeout: float) -> None:
+        """Let the workers end their batches and quit, waiting up to `timeout` seconds for them."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+            threads = list(self._threads)
+        end = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
 
     def _gather(self, first: _Pending) -> list[_Pending]:
         """Queued requests in arrival order that share `first`'s index and embedder (an index swap
@@ -250,10 +285,11 @@ class ModelBatcher:
         embedded = time.perf_counter()
         live = still_live(live, SEARCH)
         candidates: dict[_Pending, np.ndarray] = {}
-        for k in sorted({p.request.top_k for p in live}):  # one k per call: ties cut the same way as alone
-            same_k = [p for p in live if p.request.top_k == k]
-            found = search(same_k[0].request.index, np.concatenate([vectors[p] for p in same_k]), k)
-            candidates.update(split(found, same_k))
+        # one k and one filter per call: ties cut the same way as alone
+        for k, key in sorted({(p.request.top_k, p.request.filter_key) for p in live}):
+            same = [p for p in live if (p.request.top_k, p.request.filter_key) == (k, key)]
+            found = search(same[0].request.index, np.concatenate([vectors[p] for p in same]), k, same[0].request.allowed)
+            candidates.update(split(found, same))
         searched = time.perf_counter()
         for p in live:
             timings = {QUEUE: start - p.queued_at, GENERATE: generated - start, EMBED: embedded - generated,

@@ -7,7 +7,8 @@ Each stage is a function that returns its output (stage names: atelier.retrieval
               from the request seed
     embed     batching.embed -> their vectors, by the index's own embedder (same name, input
               size and weights hash)
-    search    batching.search -> each sample's top_k nearest products in FAISS
+    search    batching.search -> each sample's top_k nearest products in FAISS (with filters:
+              among the products whose metadata matches them, IndexDirectory.rows_matching)
     (these three run in a batch shared with concurrent requests for the same model, after
     waiting for it, timed as queue: the batch worker calls them in order and returns each
     request its own rows of their outputs, `Drawn`)
@@ -44,7 +45,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -132,6 +133,7 @@ class RetrievalRequest:
     top_k: int = 0  # 0 = Limits.default_top_k
     seed: int | None = None  # None = a fresh random seed, returned in the result
     return_images: bool = False
+    filters: Mapping[str, Any] = field(default_factory=dict)  # group -> allowed value(s) of the index's products
 
 
 @dataclass
@@ -186,6 +188,7 @@ class ValidRequest:
     top_k: int
     seed: int  # the request's, or a fresh random one
     return_images: bool
+    filters: dict[str, tuple[str, ...]] = field(default_factory=dict)  # canonical spellings where the schema has them
 
 
 class RetrievalService:
@@ -290,22 +293,25 @@ class RetrievalService:
                 )
 
         check_string("model name", request.model)
-        if len(request.attributes) > lim.max_attributes:
-            raise InvalidRequest(f"{len(request.attributes)} attributes given; allowed at most {lim.max_attributes} (max_attributes)")
-        for name, raw in request.attributes.items():
-            check_string("attribute name", name)
-            values = (raw,) if isinstance(raw, str) else tuple(raw)
-            if len(values) > lim.max_values_per_attribute:
-                raise InvalidRequest(
-                    f"attribute {short(name)} has {len(values)} values; allowed at most {lim.max_values_per_attribute} (max_values_per_attribute)"
-                )
-            for value in values:
-                check_string(f"value of attribute {short(name)}", value)
+        for kind, given in (("attribute", request.attributes), ("filter", request.filters)):
+            if len(given) > lim.max_attributes:
+                raise InvalidRequest(f"{len(given)} {kind}s given; allowed at most {lim.max_attributes} (max_attributes)")
+            for name, raw in given.items():
+                check_string(f"{kind} name", name)
+                values = (raw,) if isinstance(raw, str) else tuple(raw)
+                if len(values) > lim.max_values_per_attribute:
+                    raise InvalidRequest(
+                        f"{kind} {short(name)} has {len(values)} values; allowed at most {lim.max_values_per_attribute} (max_values_per_attribute)"
+                    )
+                for value in values:
+                    check_string(f"value of {kind} {short(name)}", value)
 
-    def validate(self, request: RetrievalRequest) -> ValidRequest:
-        """The request checked against the limits and its model's schema; `InvalidRequest` says
-        what is allowed where it breaks a rule."""
+    def validate(self, request: RetrievalRequest, served: ServedIndex | None = None) -> ValidRequest:
+        """The request checked against the limits, its model's schema and (its filters) the
+        schema of `served` (default: the index served now); `InvalidRequest` says what is
+        allowed where it breaks a rule."""
         self.check_sizes(request)
+        served = served or self._served
         name = request.model or self.default_model
         if name not in self.models:
             raise InvalidRequest(f"unknown model {name!r}; available: {', '.join(self.models)}")
@@ -326,8 +332,9 @@ class RetrievalService:
             attributes = schema.normalise(request.attributes, require_all=not model.generator.accepts_partial)
         except InvalidAttributes as error:
             raise InvalidRequest(str(error)) from None
+        filters = normalise_filters(served.index.schema, request.filters)
         seed = request.seed if request.seed is not None else random.getrandbits(63)
-        return ValidRequest(model, attributes, n, k, seed, request.return_images)
+        return ValidRequest(model, attributes, n, k, seed, request.return_images, filters)
 
     def generate_and_retrieve(self, request: RetrievalRequest, time_remaining: float | None = None) -> RetrievalResult:
         """Run the stages; `time_remaining` (seconds, None = no deadline) is checked before each."""
@@ -335,7 +342,7 @@ class RetrievalService:
         deadline = Deadline(time_remaining, self.clock)
         started = time.perf_counter()
         deadline.check(VALIDATE)
-        valid = self.validate(request)
+        valid = self.validate(request, served)
         timings = {VALIDATE: milliseconds_since(started)}
         with self.admission.slot(valid.model.name):
             deadline.check(GENERATE)
@@ -356,8 +363,10 @@ class RetrievalService:
         model = valid.model
         condition = model.generator.schema.encode(valid.attributes, require_all=False)  # validate() applied the rules
         n = valid.num_samples
+        allowed = served.index.rows_matching(valid.filters) if valid.filters else None
         rows = BatchRequest(np.repeat(condition[None], n, axis=0), sample_seeds(valid.seed, n),
-                            served.embedder, served.index, valid.top_k, deadline.passed)
+                            served.embedder, served.index, valid.top_k, deadline.passed,
+                            allowed, tuple(sorted(valid.filters.items())))
         try:
             return self.batchers[model.name].run(rows, deadline.remaining())
         except Expired as expired:
@@ -369,6 +378,7 @@ class RetrievalService:
         index = self.index  # one version for the whole description
         return {
             "schema": self.schema.to_dict(),
+            "filter_groups": index.schema.to_dict()["groups"],
             "default_model": self.default_model,
             "models": [
                 {"name": m.name, "family": m.generator.family, "version": m.version,
@@ -486,6 +496,28 @@ def merge_by_mean_similarity(index: IndexDirectory, queries: np.ndarray, rows: n
 
 def milliseconds_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000
+
+
+def normalise_filters(schema: AttributeSchema, filters: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """`filters` checked against the index's schema: known groups, at least one value each;
+    values in the schema's canonical spelling (case-insensitive). A value outside the schema
+    is kept as given: no product has it, so it matches nothing, which is an answer, not an error."""
+    result: dict[str, tuple[str, ...]] = {}
+    for name, raw in filters.items():
+        if name not in schema.names:
+            raise InvalidRequest(f"unknown filter group {name!r}; filterable groups: {', '.join(schema.names)}")
+        group = schema.group(name)
+        values = (raw,) if isinstance(raw, str) else tuple(raw)
+        if not values:
+            raise InvalidRequest(f"filter {name!r} has no value; give one or more of: {', '.join(group.values)}")
+        canonical = []
+        for value in values:
+            try:
+                canonical.append(group.values[group.index_of(value)])
+            except InvalidAttributes:
+                canonical.append(value)
+        result[name] = tuple(dict.fromkeys(canonical))
+    return result
 
 
 def describe_allowed(schema: AttributeSchema) -> str:

@@ -54,9 +54,14 @@ class AtelierClient:
         top_k: int = 0,
         seed: int | None = None,
         return_images: bool = False,
+        filters: Mapping[str, str | Sequence[str]] | None = None,
     ) -> pb.GenerateAndRetrieveResponse:
+        """`filters`: group -> value(s) every returned product must have (see GetSchema's filter_groups)."""
+        def values(given: Mapping[str, str | Sequence[str]]) -> dict[str, pb.AttributeValues]:
+            return {k: pb.AttributeValues(values=[v] if isinstance(v, str) else list(v)) for k, v in given.items()}
+
         request = pb.GenerateAndRetrieveRequest(
-            attributes={k: pb.AttributeValues(values=[v] if isinstance(v, str) else list(v)) for k, v in attributes.items()},
+            attributes=values(attributes), filters=values(filters or {}),
             model=model, num_samples=num_samples, top_k=top_k, return_images=return_images,
         )
         if seed is not None:

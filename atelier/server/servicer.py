@@ -85,6 +85,7 @@ class AtelierServicer(pb_grpc.AtelierServicer):
             top_k=request.top_k,
             seed=request.seed if request.HasField("seed") else None,
             return_images=request.return_images,
+            filters={name: list(v.values) for name, v in request.filters.items()},
         )
         try:
             result = service.generate_and_retrieve(domain_request, time_remaining=time_remaining(context))
@@ -130,6 +131,8 @@ class AtelierServicer(pb_grpc.AtelierServicer):
                 catalogue_fingerprint=index["catalogue"]["fingerprint"],
             ),
             limits=pb.Limits(**info["limits"]),
+            filter_groups=[pb.AttributeGroup(name=g["name"], values=g["values"], multi_label=g["multi_label"])
+                           for g in info["filter_groups"]],
         )
 
     def ReloadIndex(self, request, context):
