@@ -63,6 +63,9 @@ def test_rows_matching_takes_any_listed_value_every_group_and_no_missing_value(s
     assert index.rows_matching({"colour": ("Red", "Green"), "tags": ("wool", "silk")}).tolist() == expected
     assert index.rows_matching({"colour": ("Blue",)}).tolist() == [i for i, c in enumerate(colours) if c == "Blue"]
     assert len(index.rows_matching({"colour": ("Purple",)})) == 0  # no product has it: no row, no error
+    # "" asks for products without a value: a null colour, an empty tag list
+    assert index.rows_matching({"colour": ("Blue", "")}).tolist() == [i for i, c in enumerate(colours) if c in ("Blue", None)]
+    assert index.rows_matching({"tags": ("",)}).tolist() == [i for i, t in enumerate(tags) if not t]
     assert len(index.rows_matching({})) == len(colours)
 
 

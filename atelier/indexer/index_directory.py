@@ -15,7 +15,7 @@ shared between processes serving one version and never copied.
 
 Filtered search (`rows_matching`, then `search(..., rows=)`): a product matches when, for every
 filtered group, its value (any of its values, in a multi-label group) is one of those asked; a
-missing value matches nothing. At most EXACT_FILTER_ROWS matching products are scored exactly,
+product without a value matches only the value MISSING (""). At most EXACT_FILTER_ROWS matching products are scored exactly,
 one query at a time; more go through the index's own search with a FAISS ID selector, at the
 index's own search parameters. Either way every returned row matches, and a query scored on
 its own gives what it gives in any batch.
@@ -46,6 +46,7 @@ METRIC = "inner_product"  # vectors are L2-normalised, so this is cosine similar
 # Up to this many matching products a filtered search scores them all exactly (a 256-d float
 # matrix-vector product over 16k rows is about 1 ms here); beyond, the index's own search.
 EXACT_FILTER_ROWS = 16_384
+MISSING = ""  # as a filter value: products with no value in that group (metadata not known)
 
 
 def build_index_directory(
@@ -84,7 +85,7 @@ class IndexDirectory:
     manifest: dict[str, Any]
     index: faiss.Index
     products: pa.Table
-    _columns: dict[str, tuple[np.ndarray, np.ndarray, dict[str, int]]] = field(default_factory=dict, repr=False)
+    _columns: dict[str, tuple[np.ndarray, np.ndarray, dict[str, int], np.ndarray]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, path: Path, verify: bool = True) -> IndexDirectory:
@@ -166,31 +167,36 @@ class IndexDirectory:
 
     def rows_matching(self, filters: Mapping[str, Sequence[str]]) -> np.ndarray:
         """Index rows, ascending, whose product has one of the given values in every given group
-        (any of its values, in a multi-label group). Groups must be columns of the products."""
+        (any of its values, in a multi-label group); the value MISSING matches a product with no
+        value in that group. Groups must be columns of the products."""
         mask = np.ones(len(self), dtype=bool)
         for group, values in filters.items():
-            codes, owners, code_of = self._column_codes(group)
+            codes, owners, code_of, missing = self._column_codes(group)
             wanted = [code_of[v] for v in values if v in code_of]
-            hit = np.zeros(len(self), dtype=bool)
+            hit = missing.copy() if MISSING in values else np.zeros(len(self), dtype=bool)
             hit[owners[np.isin(codes, wanted)]] = True
             mask &= hit
         return np.flatnonzero(mask).astype(np.int64)
 
-    def _column_codes(self, group: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-        """A products column as (value codes, the row each code belongs to, value -> code),
-        nulls left out; lists flattened. Built once per column."""
+    def _column_codes(self, group: str) -> tuple[np.ndarray, np.ndarray, dict[str, int], np.ndarray]:
+        """A products column as (value codes, the row each code belongs to, value -> code, rows
+        with no value); nulls left out of the codes, lists flattened. Built once per column."""
         if group not in self._columns:
             column = self.products.column(group).combine_chunks()
+            rows = len(column)
             if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
                 owners = pc.list_parent_indices(column).to_numpy().astype(np.int64)
                 column = pc.list_flatten(column)
             else:
-                owners = np.arange(len(column), dtype=np.int64)
+                owners = np.arange(rows, dtype=np.int64)
             encoded = pc.dictionary_encode(column)
-            codes = encoded.indices.to_numpy(zero_copy_only=False)
             present = ~np.asarray(pc.is_null(encoded.indices).to_numpy(zero_copy_only=False))
+            codes = encoded.indices.to_numpy(zero_copy_only=False)[present].astype(np.int64)
+            owners = owners[present]
             code_of = {v: i for i, v in enumerate(encoded.dictionary.to_pylist())}
-            self._columns[group] = (codes[present].astype(np.int64), owners[present], code_of)
+            missing = np.ones(rows, dtype=bool)  # null, an empty list, or a list of nulls
+            missing[owners] = False
+            self._columns[group] = (codes, owners, code_of, missing)
         return self._columns[group]
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:

@@ -501,7 +501,8 @@ def milliseconds_since(start: float) -> float:
 def normalise_filters(schema: AttributeSchema, filters: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     """`filters` checked against the index's schema: known groups, at least one value each;
     values in the schema's canonical spelling (case-insensitive). A value outside the schema
-    is kept as given: no product has it, so it matches nothing, which is an answer, not an error."""
+    is kept as given: no product has it, so it matches nothing, which is an answer, not an error;
+    "" (IndexDirectory's MISSING) matches the products with no value in that group."""
     result: dict[str, tuple[str, ...]] = {}
     for name, raw in filters.items():
         if name not in schema.names:
