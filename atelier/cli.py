@@ -264,7 +264,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     options = IndexOptions(memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                            target_recall=args.target_recall, pca=args.pca, factory=args.index_factory)
     folder = reindex(args.catalogue, args.out, args.embedder, args.input_size, args.batch_size,
-                     args.max_failed_fraction, args.threads, progress=not args.quiet, index_options=options)
+                     args.max_failed_fraction, args.threads, progress=not args.quiet, index_options=options,
+                     thumbnail_size=args.thumbnail_size)
     print(f"index: {args.out} -> {folder}")
 
 
@@ -290,6 +291,9 @@ def _index_parser(verbs) -> None:
     p.add_argument("--pca", type=int, metavar="DIM", help="reduce the vectors to DIM dimensions first (PCA)")
     p.add_argument("--index-factory", metavar="STRING",
                    help="build exactly this faiss.index_factory string instead of choosing (e.g. 'HNSW32,Flat')")
+    p.add_argument("--thumbnail-size", type=int, default=64, metavar="PX",
+                   help="keep each product's thumbnail, at most PX px (1-256), in the index, for responses that "
+                        "ask for them (default 64: the catalogue's own image where it is no larger; 0: none)")
     p.add_argument("--threads", type=int)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_index)
@@ -403,52 +407,91 @@ def cmd_query(args: argparse.Namespace) -> None:
 
     from atelier.server.client import AtelierClient
 
-    attributes: dict[str, list[str]] = {}
-    for key, value in args.attr:
-        attributes.setdefault(key, []).append(value)
-    filters: dict[str, list[str]] = {}
-    for key, value in args.filter:
-        filters.setdefault(key, []).append(value)
+    attributes, filters, changes = (_grouped(pairs) for pairs in (args.attr, args.filter, args.change))
+    if args.like and args.like_image:
+        raise ValueError("give one of --like (a product id) or --like-image (an image file)")
+    if changes and not (args.like or args.like_image):
+        raise ValueError("--change edits the item of --like or --like-image; give one of them")
+    image = args.like_image.read_bytes() if args.like_image else b""
     try:
         with AtelierClient(args.target, timeout=args.timeout, **_query_security(args)) as client:
-            if args.schema or not attributes:
+            if args.like or image:
+                response = client.retrieve_similar(
+                    args.like or "", image, changes, attributes, args.model, args.top_k,
+                    return_images=args.images_out is not None, return_thumbnails=args.thumbnails_out is not None,
+                    filters=filters)
+            elif args.schema or not attributes:
                 print(json.dumps(MessageToDict(client.get_schema()), indent=2))
                 return
-            response = client.generate_and_retrieve(
-                {k: v[0] if len(v) == 1 else v for k, v in attributes.items()}, args.model, args.num_samples,
-                args.top_k, args.seed, return_images=args.images_out is not None, filters=filters,
-            )
+            else:
+                response = client.generate_and_retrieve(
+                    attributes, args.model, args.num_samples, args.top_k, args.seed,
+                    return_images=args.images_out is not None, filters=filters,
+                    return_thumbnails=args.thumbnails_out is not None,
+                )
     except grpc.RpcError as error:
         raise RuntimeError(f"{error.code().name}: {error.details()}") from None
     if args.images_out:
         args.images_out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(response.images):
             (args.images_out / f"sample-{i:02d}.png").write_bytes(image.png)
+    if args.thumbnails_out:
+        _write_thumbnails(args.thumbnails_out, response.products)
     if args.json:
         data = MessageToDict(response, preserving_proto_field_name=True)
         data.pop("images", None)
+        for product in data.get("products", []):
+            product.pop("thumbnail", None)
         print(json.dumps(data, indent=2))
         return
     print(f"model {response.model} ({response.model_version}), index {response.index_version}, seed {response.seed}")
     for rank, product in enumerate(response.products, 1):
         attrs = ", ".join(f"{k}={'|'.join(v.values)}" for k, v in sorted(product.attributes.items()))
-        print(f"{rank:3d}. {product.id:<16} {product.score:.4f}  {attrs}")
+        print(f"{rank:3d}. {product.id:<16} {product.score:.4f}  {attrs}" + (f"  {product.image_uri}" if product.image_uri else ""))
     print("timings: " + ", ".join(f"{t.stage} {t.milliseconds:.1f} ms" for t in response.timings))
 
 
+def _grouped(pairs: list[tuple[str, str]]) -> dict[str, str | list[str]]:
+    """Repeated GROUP=VALUE options as group -> value (or values, for a repeated group)."""
+    grouped: dict[str, list[str]] = {}
+    for key, value in pairs:
+        grouped.setdefault(key, []).append(value)
+    return {k: v[0] if len(v) == 1 else v for k, v in grouped.items()}
+
+
+def _write_thumbnails(folder: Path, products) -> None:
+    """Each product's thumbnail as <rank>-<id>.png or .jpg (by the bytes' signature)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for rank, product in enumerate(products, 1):
+        if product.thumbnail:
+            suffix = "jpg" if product.thumbnail.startswith(b"\xff\xd8\xff") else "png"
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in product.id).lstrip(".")
+            (folder / f"{rank:02d}-{safe}.{suffix}").write_bytes(product.thumbnail)
+
+
 def _query_parser(verbs) -> None:
-    p = verbs.add_parser("query", help="call a running server (GenerateAndRetrieve, or GetSchema without --attr)")
+    p = verbs.add_parser("query", help="call a running server (GenerateAndRetrieve; RetrieveSimilar with --like or "
+                                       "--like-image; GetSchema without --attr)")
     p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
     p.add_argument("--attr", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
                    help="attribute, e.g. --attr category=Dress (repeat a group for multi-label values)")
     p.add_argument("--filter", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
                    help="only products whose metadata has this value, e.g. --filter gender=Women; repeat a "
                         "group to allow several values (the schema's filterGroups lists the groups)")
-    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--like", metavar="PRODUCT_ID", help="RetrieveSimilar: products like this indexed product")
+    p.add_argument("--like-image", type=Path, metavar="FILE",
+                   help="RetrieveSimilar: products like this image (PNG, JPEG, ...); --attr says what it shows")
+    p.add_argument("--change", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
+                   help="with --like / --like-image: redraw the item with this attribute changed, e.g. "
+                        "--change colour=Red (needs a model that can edit: flow, cvae)")
+    p.add_argument("--model", default="", help="model name (default: the server's default; for --change, the "
+                                               "first served model that can edit)")
     p.add_argument("--num-samples", type=int, default=0, help="images to generate (0: server default)")
     p.add_argument("--top-k", type=int, default=0, help="products to return (0: server default)")
     p.add_argument("--seed", type=int)
     p.add_argument("--images-out", type=Path, help="write the generated images here as PNG")
+    p.add_argument("--thumbnails-out", type=Path, metavar="DIR",
+                   help="ask for the products' thumbnails and write them here as <rank>-<id>.png|jpg")
     p.add_argument("--schema", action="store_true", help="print the server's schema, models and index")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
     p.add_argument("--timeout", type=float, default=60.0)
@@ -571,6 +614,72 @@ def _eval_parser(verbs) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def cmd_eval_missing(args: argparse.Namespace) -> None:
+    from atelier.evaluation.missing_metadata import MissingSettings, evaluate_missing, format_markdown, write_report
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    models = parse_models([args.model])
+    settings = MissingSettings(pair=tuple(args.pair), blank=tuple(args.blank), fractions=tuple(args.fractions),
+                               k=args.k, samples=args.samples, min_products=args.min_products, seed=args.seed,
+                               progress=not args.quiet)
+    report = evaluate_missing(args.index, models, settings, sampling=parse_sampling(args.sampling, models))
+    report["command"] = _command(args)
+    paths = write_report(report, args.out)
+    print(f"{report['requests']} requests x {1 + len(report['blank']) * len(report['fractions'])} blankings; "
+          f"{report['seconds']:.0f} s")
+    print(format_markdown(report))
+    print(f"command: {report['command']}")
+    print("report: " + ", ".join(str(p) for p in paths.values()))
+    if args.summary is not None:
+        from atelier.evaluation.missing_metadata import summary_entry
+        from atelier.evaluation.summary import update_summary
+
+        entries = summary_entry(report, str(paths["json"]))
+        update_summary(args.summary, entries)
+        print(f"summary: {', '.join(entries)} -> {args.summary}")
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions like 0.25,0.5,0.75, got {text!r}") from None
+
+
+def _eval_missing_parser(verbs) -> None:
+    p = verbs.add_parser(
+        "eval-missing", help="what drawing buys when product metadata is missing: recall of a filter, "
+                             "GenerateAndRetrieve and both",
+        description="Blanks one attribute group for a fraction of the index's products (chosen by a hash of the "
+                    "product id and --seed, so the same ones every run; vectors untouched), serves that metadata in "
+                    "process and asks every TYPE x COLOUR pair of true products three ways: an exact metadata "
+                    "filter (no drawing), GenerateAndRetrieve (no filter), and the hybrid (GenerateAndRetrieve "
+                    "within the filter, filled from products whose value is missing). Scores capped recall@k "
+                    "against the index's own metadata; writes report.json and report.md to --out.")
+    p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`), metadata complete")
+    p.add_argument("--model", required=True, metavar="[NAME=]PATH", help="the generator checkpoint (one)")
+    _add_sampling_arg(p)
+    p.add_argument("--pair", type=_column_list, required=True, metavar="TYPE_GROUP,COLOUR_GROUP",
+                   help="the two groups every request names (e.g. type,colour; articleType,baseColour)")
+    p.add_argument("--blank", action="append", default=[], metavar="GROUP",
+                   help="a --pair group to blank, each measured on its own; repeat (default: both)")
+    p.add_argument("--fractions", type=_fractions, default=[0.25, 0.5, 0.75], metavar="F,F,...",
+                   help="fractions of products blanked (default 0.25,0.5,0.75; 0, nothing blanked, is always measured)")
+    p.add_argument("--k", type=int, default=10, help="products per request (default 10)")
+    p.add_argument("--samples", type=int, default=4, help="drawings per request (default 4)")
+    p.add_argument("--min-products", type=int, default=1, help="pairs with fewer true products are not asked (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="which products are blanked, and the requests' seeds")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.json and report.md")
+    p.add_argument("--summary", type=Path, metavar="FILE",
+                   help="also write the 'missing-metadata' entry into this summary file (e.g. docs/results/summary.json)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_missing)
+
+
 def _serve_security(args: argparse.Namespace):
     from atelier.server.security import load_security
 
@@ -633,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     for add_parser in (_import_parser, _train_parser, _distill_parser, _train_attributes_parser, _sample_parser,
-                       _index_parser, _serve_parser, _query_parser, _demo_parser, _eval_parser):
+                       _index_parser, _serve_parser, _query_parser, _demo_parser, _eval_parser,
+                       _eval_missing_parser):
         add_parser(verbs)
     return parser
 

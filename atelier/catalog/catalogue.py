@@ -1,8 +1,9 @@
 """A catalogue: a Parquet dataset, one row per product, published as an artifact directory.
 
 Columns: `id` (string), `split` (string or null), one column per attribute group (string for a
-single-label group, list<string> for a multi-label one), and `image` (the encoded PNG/JPEG
-bytes). `manifest.json` carries the AttributeSchema, the image channels, the row count and the
+single-label group, list<string> for a multi-label one), `image` (the encoded PNG/JPEG
+bytes) and, in a catalogue written with `image_uri=True`, `image_uri` (string or null: the
+photo's public http(s) address, for clients to show; older catalogues lack it). `manifest.json` carries the AttributeSchema, the image channels, the row count and the
 sha256 of each Parquet file; the catalogue's fingerprint is derived from those hashes.
 """
 
@@ -25,13 +26,17 @@ from atelier.catalog.schema import AttributeSchema
 
 KIND = "catalogue"
 ROWS_PER_FILE = 20_000
+IMAGE_URI = "image_uri"  # the optional column of each product photo's public address
 
 
-def arrow_schema(schema: AttributeSchema) -> pa.Schema:
+def arrow_schema(schema: AttributeSchema, image_uri: bool = False) -> pa.Schema:
+    """The catalogue's columns; `image_uri`: with the nullable `image_uri` string column."""
     fields = [pa.field("id", pa.string(), nullable=False), pa.field("split", pa.string())]
     for g in schema.groups:
         fields.append(pa.field(g.name, pa.list_(pa.string()) if g.multi_label else pa.string()))
     fields.append(pa.field("image", pa.binary()))
+    if image_uri:
+        fields.append(pa.field(IMAGE_URI, pa.string()))
     return pa.schema(fields)
 
 
@@ -42,9 +47,11 @@ def write_catalogue(
     batches: Iterable[pa.RecordBatch | pa.Table],
     image_channels: int,
     source: dict[str, Any] | None = None,
+    image_uri: bool = False,
 ) -> Catalogue:
-    """Write record batches (columns as `arrow_schema`) and publish the catalogue atomically."""
-    target = arrow_schema(schema)
+    """Write record batches (columns as `arrow_schema`) and publish the catalogue atomically.
+    `image_uri`: the batches carry an `image_uri` column (null where a product has none)."""
+    target = arrow_schema(schema, image_uri)
     with artifacts.staging(dest) as stage:
         rows, part, writer = 0, 0, None
         seen: set[str] = set()
@@ -99,6 +106,12 @@ class Catalogue:
     @property
     def image_channels(self) -> int:
         return int(self.manifest["image_channels"])
+
+    @property
+    def has_image_uri(self) -> bool:
+        """Whether the products carry an `image_uri` column (catalogues written before it do not)."""
+        files = self.files
+        return bool(files) and IMAGE_URI in pq.read_schema(files[0]).names
 
     @property
     def fingerprint(self) -> str:

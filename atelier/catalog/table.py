@@ -30,7 +30,10 @@ Images. A value of the image column is a path relative to `image_root` (default:
 folder), an absolute path, a `file://` URI, encoded bytes (a binary Parquet column, or a
 `data:` URI), or an http(s) URL (`atelier/catalog/fetch.py`: a thread pool, a timeout, retries,
 a cache on disk). Photos are made white-padded squares and stored as PNG, as every importer
-does (`fashion_product_images.square_png`). A product whose photo is missing, unreachable or
+does (`fashion_product_images.square_png`). Where the value is an http(s) URL, the catalogue's
+`image_uri` column keeps it (the photo's public address, for clients to show; a URL naming a
+user or password is left out); other values leave it null, as a local path would tell clients
+about the server's file system. A product whose photo is missing, unreachable or
 undecodable is skipped and named with its reason in the manifest's `source.skipped`; if more
 than `max_failures` of the products are skipped, the import stops with the reasons and
 publishes nothing (a table whose photo paths are all wrong should not become a catalogue).
@@ -58,7 +61,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from atelier.catalog.catalogue import Catalogue, write_catalogue
+from atelier.catalog.catalogue import IMAGE_URI, Catalogue, write_catalogue
 from atelier.catalog.fashion_product_images import SPLIT_RULE, split_of, square_png
 from atelier.catalog.fetch import FetchError, ImageFetcher, is_url
 from atelier.catalog.importers import IMPORTERS
@@ -67,7 +70,7 @@ from atelier.progress import progress_bar
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 MISSING_TOKENS = frozenset({"", "NA", "N/A"})
-RESERVED = ("id", "split", "image")  # the catalogue's own columns: no attribute group may take their names
+RESERVED = ("id", "split", "image", "image_uri")  # the catalogue's own columns: no attribute group may take their names
 SPLITS = ("train", "test")
 DEFAULT_RULES = {"top": None, "min_count": 1, "rare": "other", "missing": "other"}
 CHUNK_ROWS = 256  # products whose photos are read at once: bounded memory, a full thread pool
@@ -282,6 +285,18 @@ def _data_uri(value: str) -> tuple[bytes | None, str | None]:
         return None, "bad data uri"
 
 
+def public_uri(value: str | bytes | None) -> str | None:
+    """An image column's value as the catalogue's `image_uri`: an http(s) URL without user or
+    password, else None (file paths, file: and data: URIs and bytes are not addresses a client can use)."""
+    if not isinstance(value, str) or not is_url(value):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(value)
+    except ValueError:
+        return None
+    return None if parts.username is not None or parts.password is not None or not parts.hostname else value
+
+
 class ProductImages:
     """The selected products with their photos, read and squared by a thread pool, as batches.
 
@@ -306,7 +321,9 @@ class ProductImages:
                 bar.update(part.num_rows)
                 kept = [k for k, (png, _) in enumerate(results) if png is not None]
                 if kept:
-                    yield part.take(kept).append_column("image", pa.array([results[k][0] for k in kept], pa.binary()))
+                    uris = [public_uri(self.images[start + k]) for k in kept]
+                    yield (part.take(kept).append_column("image", pa.array([results[k][0] for k in kept], pa.binary()))
+                           .append_column(IMAGE_URI, pa.array(uris, pa.string())))
 
     def _check(self, read: int) -> None:
         total = self.table.num_rows
@@ -382,7 +399,8 @@ def import_table(
             yield from images.batches(bar)
         info["skipped"] = images.report()  # write_catalogue writes the manifest after the last batch
 
-    return write_catalogue(dest, f"table-{table.path.stem}", selected.schema, batches(), image_channels=3, source=info)
+    return write_catalogue(dest, f"table-{table.path.stem}", selected.schema, batches(), image_channels=3, source=info,
+                           image_uri=True)
 
 
 def _check_options(source: Path | None, attributes: list[str], multi_label: dict[str, str], size: int,

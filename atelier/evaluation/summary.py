@@ -2,7 +2,8 @@
 
 One entry per catalogue (its name without the selection, e.g. "fashion-mnist" or
 "fashion-product-images") for the model an evaluation names as
-its headline, and a "compositional" entry when that model was trained with `--hold-out`. Each
+its headline, a "compositional" entry when that model was trained with `--hold-out`, and a
+"missing-metadata" entry written by `atelier eval-missing --summary`. Each
 entry carries where it came from: the eval command, the report, the date and the settings,
 so a figure in the README can be traced to the run that measured it. Other entries in the file
 are kept; the file is replaced whole (written beside it, then renamed).
@@ -24,9 +25,12 @@ from atelier.evaluation.compare import REAL
 from atelier.evaluation.retrieval_quality import REAL_IMAGE
 from atelier.retrieval.precision import ALL
 
-__all__ = ["COMPOSITIONAL", "catalogue_key", "headline_table", "summary_entries", "update_summary"]
+__all__ = ["COMPOSITIONAL", "MISSING_METADATA", "catalogue_key", "headline_table", "summary_entries",
+           "update_summary"]
 
 COMPOSITIONAL = "compositional"
+MISSING_METADATA = "missing-metadata"  # atelier eval-missing: recall when product metadata is missing
+NOT_CATALOGUES = (COMPOSITIONAL, MISSING_METADATA)
 
 
 def _per_group(values: dict[str, Any] | None, groups: list[str]) -> Any:
@@ -119,7 +123,7 @@ HEADLINE_COLUMNS = (  # (header, entry key, real-products key)
 def headline_table(summary: dict[str, Any]) -> str:
     """The README's headline table: per catalogue, the model's figure beside the real products'
     (real images' FID floor, accuracy and diversity; query by a real image for precision)."""
-    catalogues = [k for k in summary if k != COMPOSITIONAL]
+    catalogues = [k for k in summary if k not in NOT_CATALOGUES]
     used = [(h, key, real) for h, key, real in HEADLINE_COLUMNS if any(key in summary[c] for c in catalogues)]
     lines = ["| catalogue | model | " + " | ".join(h for h, _, _ in used) + " |", "|" + " --- |" * (len(used) + 2)]
     for c in catalogues:
@@ -132,7 +136,17 @@ def headline_table(summary: dict[str, Any]) -> str:
         lines += ["", f"Compositional hold-out (`{entry['model']}`, {entry['catalogue']}): both attributes right on "
                       f"held-out pairs {_cell(entry['held_out_both_accuracy'])}, on seen pairs "
                       f"{_cell(entry['seen_both_accuracy'])}."]
+    if MISSING_METADATA in summary:
+        lines += ["", _missing_metadata_line(summary[MISSING_METADATA])]
     return "\n".join(lines)
+
+
+def _missing_metadata_line(entry: dict[str, Any]) -> str:
+    recall = entry.get(f"recall_at_{entry['k']}") or {}
+    return (f"Metadata missing for {entry['fraction_missing']:.0%} of products' {entry['blanked']} "
+            f"(`{entry['model']}`, {entry['catalogue']}): recall@{entry['k']} of the metadata filter "
+            f"{_cell(recall.get('metadata_filter'))}, generate-and-retrieve {_cell(recall.get('generate_and_retrieve'))}, "
+            f"hybrid {_cell(recall.get('hybrid'))}.")
 
 
 if __name__ == "__main__":  # python -m atelier.evaluation.summary [FILE]: print the headline table

@@ -56,6 +56,7 @@ class ConditionalGenerator(nn.Module):
     accepts_partial: ClassVar[bool] = False  # may a request leave a single-label group out?
     # config fields a served copy may set without retraining (how it samples, not what it learned)
     SAMPLING_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    can_edit: ClassVar[bool] = False  # implements `invert`, so `edit_conditions` can redraw a given image
 
     def __init__(self, schema: AttributeSchema, config: Any):
         super().__init__()
@@ -114,6 +115,29 @@ class ConditionalGenerator(nn.Module):
             self.train(was_training)
         return to_uint8(images)
 
+    def invert(self, images: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The latent z (N, latent_dim) from which `forward(z, condition)` draws `images` (in
+        [-1, 1], NCHW at the model's size): an encoder's mean, or the sampler run backwards."""
+        raise NotImplementedError(f"the {self.family} family cannot edit an image (no encoder or inversion)")
+
+    @torch.inference_mode()
+    def edit_conditions(self, images: np.ndarray, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Each uint8 image (N, H, W, C) redrawn under its row of `targets`: inverted under its
+        row of `sources` (what the image shows), then drawn from that latent (what is asked)."""
+        if not self.can_edit:
+            self.invert(torch.empty(0), torch.empty(0))  # raises, naming the family
+        fitted = fit_images(images, self.image_size, self.channels)
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            x = torch.from_numpy(fitted).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            z = self.invert(x, torch.as_tensor(sources, dtype=torch.float32, device=device))
+            drawn = self(z, torch.as_tensor(targets, dtype=torch.float32, device=device)).cpu()
+        finally:
+            self.train(was_training)
+        return to_uint8(drawn)
+
     def sample(self, attributes: Mapping[str, AttributeValues], n: int, seed: int = 0) -> np.ndarray:
         """n images of the item described by `attributes`, reproducible for a given seed."""
         condition = self.schema.encode(attributes, require_all=not self.accepts_partial)
@@ -123,6 +147,20 @@ class ConditionalGenerator(nn.Module):
 def sample_seeds(seed: int, n: int) -> list[int]:
     """Per-image seeds derived from a request seed, so image i is the same whatever n is."""
     return [(int(seed) * 1_000_003 + i) % (2**63) for i in range(n)]
+
+
+def fit_images(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """uint8 (N, H, W, C) images as a model takes them: size x size (aspect kept, padded white,
+    as the importers do) and `channels` (grey replicated to RGB, RGB averaged to grey)."""
+    from atelier.catalog.images import to_square
+
+    out = []
+    for image in images:
+        image = to_square(image if image.ndim == 3 else image[:, :, None], size)
+        if image.shape[2] != channels:
+            image = np.repeat(image, 3, axis=2) if channels == 3 else image.mean(axis=2, keepdims=True).round().astype(np.uint8)
+        out.append(image)
+    return np.stack(out).astype(np.uint8)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

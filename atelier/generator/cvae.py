@@ -147,6 +147,12 @@ class CVAE(ConditionalGenerator):
         """The decoder: images in [-1, 1], (N, C, H, W)."""
         return logits_to_images(self.decode_logits(z, condition))
 
+    can_edit = True
+
+    def invert(self, images: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The posterior mean: decoding it under another condition is the edit."""
+        return self.encode(images, condition)[0]
+
     def reconstruct(self, images: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Decode the posterior mean of each image (no sampling): images in [-1, 1]."""
         mu, _ = self.encode(images, condition)

@@ -272,16 +272,28 @@ class Flow(ConditionalGenerator):
         """Integrate from the noise z (N, latent_dim) at t = 0 to an image at t = 1, in [-1, 1]."""
         cfg = self.config
         x = z.view(len(z), cfg.channels, cfg.image_size, cfg.image_size)
-        steps, dt = cfg.sample_steps, 1.0 / cfg.sample_steps
+        return self._integrate(x, condition, forwards=True).clamp(-1, 1)
+
+    can_edit = True
+
+    def invert(self, images: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The same ODE from the image at t = 1 back to its noise at t = 0 (the solver's steps in
+        reverse), so drawing that noise under another condition edits the image."""
+        return self._integrate(images, condition, forwards=False).reshape(len(images), -1)
+
+    def _integrate(self, x: torch.Tensor, condition: torch.Tensor, forwards: bool) -> torch.Tensor:
+        cfg = self.config
+        steps = cfg.sample_steps
+        dt = (1.0 if forwards else -1.0) / steps
         for i in range(steps):
-            t = torch.full((len(x),), i * dt, device=x.device)
+            t = torch.full((len(x),), i / steps if forwards else 1 - i / steps, device=x.device)
             v = self.guided_velocity(x, t, condition)
             if cfg.solver == "midpoint":
                 v = self.guided_velocity(x + 0.5 * dt * v, t + 0.5 * dt, condition)
             elif cfg.solver == "heun" and i < steps - 1:
                 v = 0.5 * (v + self.guided_velocity(x + dt * v, t + dt, condition))
             x = x + dt * v
-        return x.clamp(-1, 1)
+        return x
 
 
 def flow_matching_loss(model: Flow, real: torch.Tensor, condition: torch.Tensor, noise: torch.Tensor,

@@ -2,15 +2,20 @@
 
     index.faiss       FAISS index; row i is product i of products.arrow
     products.arrow    id + attribute columns, in index row order (what a search returns), as an
-                      uncompressed Arrow IPC file (older versions: products.parquet)
+                      uncompressed Arrow IPC file (older versions: products.parquet); also
+                      `image_uri` where the catalogue has it (not an attribute: never filtered,
+                      never among a product's attributes)
+    thumbnails.arrow  optional: one binary column `thumbnail`, row i = index row i, an encoded
+                      PNG or JPEG of at most `thumbnail_size` px (manifest), as an Arrow IPC file
     manifest.json     embedder (name, weights hash, input size), dimension, metric, count,
                       schema, catalogue name + fingerprint, index type and the record of its
-                      choice (index_choice: budget, bytes, measured recall@10), sha256 of each file
+                      choice (index_choice: budget, bytes, measured recall@10), thumbnail_size
+                      (0: no thumbnails), sha256 of each file
 
 Written by `build_index_directory` into the reindex job's staging folder (the writer calls it)
 and published by one atomic rename (atelier.indexer.runner.publish_index, atelier.artifacts),
-so a reader never sees half an index. Opened memory-mapped: the FAISS file (IO_FLAG_MMAP_IFC)
-and the products (Arrow IPC) are read in place, so the pages are the kernel's page cache,
+so a reader never sees half an index. Opened memory-mapped: the FAISS file (IO_FLAG_MMAP_IFC),
+the products and the thumbnails (Arrow IPC) are read in place, so the pages are the kernel's page cache,
 shared between processes serving one version and never copied.
 
 Filtered search (`rows_matching`, then `search(..., rows=)`): a product matches when, for every
@@ -35,12 +40,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from atelier import artifacts
+from atelier.catalog.catalogue import IMAGE_URI  # a products column that is not an attribute
 from atelier.catalog.schema import AttributeSchema
 from atelier.indexer.index_choice import IndexOptions, IndexSpec, apply_search_parameters, build_index
 
 KIND = "index"
 INDEX_FILE = "index.faiss"
 PRODUCTS_FILE = "products.arrow"
+THUMBNAILS_FILE = "thumbnails.arrow"
 LEGACY_PRODUCTS_FILE = "products.parquet"  # index versions written before products.arrow
 METRIC = "inner_product"  # vectors are L2-normalised, so this is cosine similarity
 # Up to this many matching products a filtered search scores them all exactly (a 256-d float
@@ -59,23 +66,36 @@ def build_index_directory(
     choice: IndexSpec,
     extra: dict[str, Any] | None = None,
     options: IndexOptions | None = None,
+    thumbnails: pa.Array | pa.ChunkedArray | Sequence[bytes] | None = None,
+    thumbnail_size: int = 0,
 ) -> None:
     """Write the index files and manifest into `folder` (a staging folder, see `artifacts.staging`);
     publishing it is the caller's. `choice`: the index type, from `choose_index`; `options`: memory
-    budget, recall target, PCA (atelier.indexer.index_choice)."""
+    budget, recall target, PCA (atelier.indexer.index_choice); `thumbnails`: one encoded image of at
+    most `thumbnail_size` px per product row, written as thumbnails.arrow (None: no thumbnails)."""
     if len(vectors) != products.num_rows:
         raise ValueError(f"{len(vectors)} vectors for {products.num_rows} products")
     if len(vectors) == 0:
         raise ValueError("refusing to publish an empty index")
+    if thumbnails is not None and len(thumbnails) != products.num_rows:
+        raise ValueError(f"{len(thumbnails)} thumbnails for {products.num_rows} products")
+    if thumbnails is not None and thumbnail_size < 1:
+        raise ValueError(f"thumbnails need their size, a positive number of px; got {thumbnail_size}")
     built = build_index(vectors, choice, options)
     faiss.write_index(built.index, str(folder / INDEX_FILE))
     built.record["bytes"] = (folder / INDEX_FILE).stat().st_size
     with pa.OSFile(str(folder / PRODUCTS_FILE), "wb") as sink, pa.ipc.new_file(sink, products.schema) as writer:
         writer.write_table(products)
+    if thumbnails is not None:
+        table = pa.table({"thumbnail": thumbnails if isinstance(thumbnails, (pa.Array, pa.ChunkedArray))
+                          else pa.array(list(thumbnails), pa.binary())})
+        with pa.OSFile(str(folder / THUMBNAILS_FILE), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
     artifacts.write_manifest(
         folder, KIND, embedder=embedder, dimension=int(vectors.shape[1]), metric=METRIC,
         count=int(len(vectors)), schema=schema.to_dict(), catalogue=catalogue,
-        index_type=built.spec.factory, index_choice=built.record, **(extra or {}),
+        index_type=built.spec.factory, index_choice=built.record,
+        thumbnail_size=int(thumbnail_size) if thumbnails is not None else 0, **(extra or {}),
     )
 
 
@@ -85,6 +105,7 @@ class IndexDirectory:
     manifest: dict[str, Any]
     index: faiss.Index
     products: pa.Table
+    thumbnail_table: pa.Table | None = None  # thumbnails.arrow, memory-mapped; None: the index has none
     _columns: dict[str, tuple[np.ndarray, np.ndarray, dict[str, int], np.ndarray]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -104,7 +125,15 @@ class IndexDirectory:
             raise artifacts.ArtifactError(
                 f"{folder}: manifest says {manifest['count']} products, index has {index.ntotal}, map has {products.num_rows}"
             )
-        return cls(folder, manifest, index, products)
+        thumbnails = None
+        if (folder / THUMBNAILS_FILE).is_file():
+            thumbnails = pa.ipc.open_file(pa.memory_map(str(folder / THUMBNAILS_FILE))).read_all()  # zero-copy
+            if thumbnails.num_rows != manifest["count"] or thumbnails.column_names != ["thumbnail"]:
+                raise artifacts.ArtifactError(
+                    f"{folder}: {THUMBNAILS_FILE} has {thumbnails.num_rows} rows of {thumbnails.column_names}; "
+                    f"expected {manifest['count']} rows of ['thumbnail']"
+                )
+        return cls(folder, manifest, index, products, thumbnails)
 
     @property
     def version(self) -> str:
@@ -117,6 +146,19 @@ class IndexDirectory:
     @property
     def embedder(self) -> dict[str, Any]:
         return self.manifest["embedder"]
+
+    @property
+    def has_thumbnails(self) -> bool:
+        return self.thumbnail_table is not None
+
+    @property
+    def thumbnail_size(self) -> int:
+        """The px bound of the thumbnails; 0 for an index without them (older ones, or --thumbnail-size 0)."""
+        return int(self.manifest.get("thumbnail_size", 0)) if self.has_thumbnails else 0
+
+    @property
+    def has_image_uri(self) -> bool:
+        return IMAGE_URI in self.products.column_names
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -165,6 +207,11 @@ class IndexDirectory:
             return outer
         return params
 
+    def row_of(self, product_id: str) -> int | None:
+        """The index row of a product, None when the index has no product of that id."""
+        row = pc.index(self.products.column("id"), pa.scalar(product_id, pa.string())).as_py()
+        return None if row < 0 else int(row)
+
     def rows_matching(self, filters: Mapping[str, Sequence[str]]) -> np.ndarray:
         """Index rows, ascending, whose product has one of the given values in every given group
         (any of its values, in a multi-label group); the value MISSING matches a product with no
@@ -205,4 +252,18 @@ class IndexDirectory:
         return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
 
     def product_rows(self, rows: list[int]) -> list[dict[str, Any]]:
-        return self.products.take(pa.array(rows, type=pa.int64())).to_pylist()
+        """id + attribute columns of these rows (`image_uri` is not an attribute: `image_uris`)."""
+        products = self.products.drop_columns([IMAGE_URI]) if self.has_image_uri else self.products
+        return products.take(pa.array(rows, type=pa.int64())).to_pylist()
+
+    def image_uris(self, rows: list[int]) -> list[str | None]:
+        """The catalogue's image URI of each row (None where it has none, or keeps no URIs)."""
+        if not self.has_image_uri:
+            return [None] * len(rows)
+        return self.products.column(IMAGE_URI).take(pa.array(rows, type=pa.int64())).to_pylist()
+
+    def thumbnails(self, rows: list[int]) -> list[bytes]:
+        """The encoded thumbnail of each row; ValueError for an index without thumbnails."""
+        if self.thumbnail_table is None:
+            raise ValueError(f"index {self.version} has no thumbnails")
+        return self.thumbnail_table.column("thumbnail").take(pa.array(rows, type=pa.int64())).to_pylist()

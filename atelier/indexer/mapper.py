@@ -5,6 +5,10 @@ OpenCV release the GIL) while the calling thread runs the forward of the current
 forward, the job's limit, waits only when decoding falls behind. Undecodable images are dropped
 from the batch and reported with their product id and a reason, not fatal (the writer decides
 how many failures a job tolerates).
+
+With a `thumbnail_size`, the worker also makes each kept image's thumbnail, for the index's
+thumbnails.arrow (`thumbnail`): the catalogue's own bytes where the image is no larger, else
+the image squared to that size, JPEG for colour and PNG for grey.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from atelier.catalog.images import ImageDecodeError, decode_image
+from atelier.catalog.images import ImageDecodeError, decode_image, encode_png, to_square
 from atelier.indexer.embedders import Embedder
 from atelier.indexer.reader import Batch
 
-Prepared = tuple[pa.Table, np.ndarray | None, list[dict[str, str]]]  # rows, pixels, skipped
+# rows, pixels, skipped, thumbnails (None without a thumbnail size)
+Prepared = tuple[pa.Table, np.ndarray | None, list[dict[str, str]], list[bytes] | None]
+JPEG_QUALITY = 85
 
 
 @dataclass
@@ -31,11 +37,28 @@ class Embedded:
     rows: pa.Table
     vectors: np.ndarray
     skipped: list[dict[str, str]]  # {"id", "reason"}
+    thumbnails: list[bytes] | None = None  # one per row, when the mapper was given a thumbnail size
+
+
+def thumbnail(data: bytes, image: np.ndarray, size: int) -> bytes:
+    """An encoded thumbnail of at most size x size px: `data` itself (no re-encoding) when the
+    decoded `image` is no larger, else the image squared to `size`, JPEG (colour) or PNG (grey)."""
+    if max(image.shape[:2]) <= size:
+        return bytes(data)
+    small = to_square(image, size)
+    if small.shape[2] == 1:
+        return encode_png(small)
+    ok, buffer = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise ValueError(f"could not encode a {size} px thumbnail as JPEG")
+    return buffer.tobytes()
 
 
 class EmbeddingMapper:
-    def __init__(self, embedder: Embedder, channels: int, prefetch: int = 2):
+    def __init__(self, embedder: Embedder, channels: int, prefetch: int = 2, thumbnail_size: int = 0):
+        """`thumbnail_size`: px of the thumbnails to make of each kept image (0: none)."""
         self.embedder, self.channels, self.prefetch = embedder, channels, prefetch
+        self.thumbnail_size = thumbnail_size
         # one worker: it advances the reader, so batches come out in catalogue order
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         # where the time went, for the index manifest (wait: the forward idle, decoding behind)
@@ -53,18 +76,22 @@ class EmbeddingMapper:
         return prepared
 
     def _prepare(self, batch: Batch) -> Prepared:
-        keep, prepared, skipped = [], [], []
+        keep, prepared, skipped, thumbnails = [], [], [], []
         ids = batch.rows.column("id").to_pylist()
         for i, data in enumerate(batch.images):
             try:
                 if not data:
                     raise ImageDecodeError("no image bytes" if data is None else "empty image (0 bytes)")
-                prepared.append(self.embedder.prepare(decode_image(data, self.channels)))
+                image = decode_image(data, self.channels)
+                pixels = self.embedder.prepare(image)
+                if self.thumbnail_size:
+                    thumbnails.append(thumbnail(data, image, self.thumbnail_size))
+                prepared.append(pixels)
                 keep.append(i)
             except (ImageDecodeError, cv2.error) as error:
                 skipped.append({"id": ids[i], "reason": failure_reason(data, error)})
         rows = batch.rows.take(pa.array(keep, type=pa.int64()))
-        return rows, (np.stack(prepared) if prepared else None), skipped
+        return rows, (np.stack(prepared) if prepared else None), skipped, (thumbnails if self.thumbnail_size else None)
 
     def map(self, batches: Iterable[Batch]) -> Iterator[Embedded]:
         source = iter(batches)
@@ -82,11 +109,12 @@ class EmbeddingMapper:
             for future in pending:
                 future.cancel()
 
-    def _forward(self, rows: pa.Table, pixels: np.ndarray | None, skipped: list[dict[str, str]]) -> Embedded:
+    def _forward(self, rows: pa.Table, pixels: np.ndarray | None, skipped: list[dict[str, str]],
+                 thumbnails: list[bytes] | None = None) -> Embedded:
         start = time.perf_counter()
         vectors = self.embedder.forward(pixels) if pixels is not None else np.zeros((0, self.embedder.dim), np.float32)
         self.timings["forward_seconds"] += time.perf_counter() - start
-        return Embedded(rows, vectors, skipped)
+        return Embedded(rows, vectors, skipped, thumbnails)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -41,6 +41,8 @@ from atelier.indexer.writer import IndexWriter
 from atelier.progress import progress_bar
 
 log = logging.getLogger("atelier.indexer")
+DEFAULT_THUMBNAIL_SIZE = 64  # px; our catalogues' images are 28-64 px, so their own bytes are reused
+MAX_THUMBNAIL_SIZE = 256  # a thumbnail, not a photo: bounds thumbnails.arrow and each response
 
 
 def reindex(
@@ -53,6 +55,7 @@ def reindex(
     threads: int | None = None,
     progress: bool = True,
     index_options: IndexOptions | None = None,
+    thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
 ) -> Path:
     """Embed every catalogue image and publish the index at `dest`; returns the version folder.
 
@@ -60,9 +63,12 @@ def reindex(
     one measured best for this catalogue, see `embedder_for_catalogue`). `index_options`: memory
     budget, recall target, PCA (atelier.indexer.index_choice); the index type is chosen from
     them once, before any image is embedded, so an impossible budget fails first. Raises
-    writer.TooManyFailures when more than `max_failed_fraction` of the images cannot be decoded."""
+    writer.TooManyFailures when more than `max_failed_fraction` of the images cannot be decoded.
+    `thumbnail_size`: px of the products' thumbnails kept in the index (0: none), at most
+    MAX_THUMBNAIL_SIZE."""
     if not 0.0 <= max_failed_fraction <= 1.0:
         raise ValueError(f"max_failed_fraction must be within [0, 1], got {max_failed_fraction}")
+    check_thumbnail_size(thumbnail_size)
     if threads:
         torch.set_num_threads(threads)
     catalogue = Catalogue.open(catalogue_path, verify=True)
@@ -78,11 +84,17 @@ def reindex(
         writer = IndexWriter(
             stage, catalogue.schema, embedder.describe(),
             {"name": catalogue.name, "fingerprint": catalogue.fingerprint, "rows": len(catalogue)},
-            choice, index_options, max_failed_fraction,
+            choice, index_options, max_failed_fraction, thumbnail_size,
         )
-        mapper = EmbeddingMapper(embedder, catalogue.image_channels)
+        mapper = EmbeddingMapper(embedder, catalogue.image_channels, thumbnail_size=thumbnail_size)
         build = run_stages(CatalogueReader(catalogue, batch_size), mapper, writer, progress)
         return publish_index(writer, dest, extra={"build": build})
+
+
+def check_thumbnail_size(size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_THUMBNAIL_SIZE:
+        raise ValueError(f"thumbnail size must be a whole number of px from 1 to {MAX_THUMBNAIL_SIZE}, "
+                         f"or 0 for an index without thumbnails; got {size!r}")
 
 
 def run_stages(reader: CatalogueReader, mapper: EmbeddingMapper, writer: IndexWriter,

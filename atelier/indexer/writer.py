@@ -7,6 +7,9 @@ The folder is the job's staging folder; claiming it and publishing it are the ru
 Images that could not be decoded are counted and listed (product id + reason) in the
 manifest's `skipped`; the job fails, writing no index, once more than `max_failed_fraction`
 of the catalogue has failed (as soon as that is certain, not only at the end).
+
+With a `thumbnail_size`, every batch brings one thumbnail per kept row (the mapper makes them)
+and the index folder gets thumbnails.arrow beside products.arrow.
 """
 
 from __future__ import annotations
@@ -32,12 +35,18 @@ class IndexWriter:
 
     `embedder` and `catalogue` are the manifest's records of them (a catalogue's `rows`, when
     known, lets the failure bound be checked batch by batch); `choice` the index type to build;
-    `options` the rest of what was asked (recall target, PCA: atelier.indexer.index_choice)."""
+    `options` the rest of what was asked (recall target, PCA: atelier.indexer.index_choice);
+    `thumbnail_size`: px of the thumbnails each batch carries (0: the index has none)."""
 
     def __init__(self, folder: Path, schema: AttributeSchema, embedder: dict[str, Any], catalogue: dict[str, Any],
-                 choice: IndexSpec, options: IndexOptions | None = None, max_failed_fraction: float = 0.0):
+                 choice: IndexSpec, options: IndexOptions | None = None, max_failed_fraction: float = 0.0,
+                 thumbnail_size: int = 0):
         if not 0.0 <= max_failed_fraction <= 1.0:
             raise ValueError(f"max_failed_fraction must be within [0, 1], got {max_failed_fraction}")
+        if thumbnail_size < 0:
+            raise ValueError(f"thumbnail_size must be >= 0 (0: no thumbnails), got {thumbnail_size}")
+        self.thumbnail_size = thumbnail_size
+        self.thumbnails: list[pa.Array] = []
         self.folder, self.schema, self.embedder, self.catalogue = folder, schema, embedder, catalogue
         self.choice, self.options = choice, options
         self.max_failed_fraction = max_failed_fraction
@@ -47,6 +56,12 @@ class IndexWriter:
         self.skipped: list[dict[str, str]] = []
 
     def write(self, batch: Embedded) -> None:
+        if self.thumbnail_size:
+            if batch.thumbnails is None or len(batch.thumbnails) != batch.rows.num_rows:
+                given = "no" if batch.thumbnails is None else len(batch.thumbnails)
+                raise ValueError(f"a batch of {batch.rows.num_rows} rows brings {given} thumbnails; "
+                                 f"this index has {self.thumbnail_size} px thumbnails, one per row")
+            self.thumbnails.append(pa.array(batch.thumbnails, pa.binary()))
         self.vectors.append(batch.vectors)
         self.rows.append(batch.rows)
         self.skipped.extend(batch.skipped)
@@ -71,5 +86,6 @@ class IndexWriter:
         build_index_directory(
             self.folder, np.concatenate(self.vectors), pa.concat_tables(self.rows), self.embedder,
             self.schema, self.catalogue, self.choice, extra={"skipped": self.skipped, **failures, **(extra or {})},
-            options=self.options,
+            options=self.options, thumbnails=pa.chunked_array(self.thumbnails, pa.binary()) if self.thumbnail_size else None,
+            thumbnail_size=self.thumbnail_size,
         )

@@ -8,6 +8,7 @@ per distinct top_k and filter; each request then merges its own candidates on it
 
 The stages are functions that return their output:
     generate(generator, conditions, seeds, chunk_rows) -> images
+    edit(generator, images, sources, targets, chunk_rows) -> images (RetrieveSimilar's edits)
     embed(embedder, images, chunk_rows)                 -> vectors
     search(index, vectors, k, allowed)                  -> candidates (index rows; allowed:
                                                            the rows a metadata filter keeps)
@@ -103,6 +104,11 @@ class BatchRequest:
     # requests with the same filter and top_k share one search
     allowed: np.ndarray | None = None
     filter_key: tuple = ()
+    # an edit (RetrieveSimilar): these uint8 images at the model's size, inverted under their
+    # source conditions and redrawn under `conditions`; the seeds are then unused
+    edit_from: np.ndarray | None = None
+    edit_sources: np.ndarray | None = None
+    given: np.ndarray | None = None  # an image query: these images are embedded as they are, nothing drawn
 
     @property
     def rows(self) -> int:
@@ -132,6 +138,17 @@ def generate(generator: ConditionalGenerator, conditions: np.ndarray, seeds: Seq
         generator.sample_conditions(c, s.tolist())
         for c, s in zip(fixed_chunks(conditions, chunk_rows, True), fixed_chunks(seeds, chunk_rows, True))
     ])[: len(seeds)]
+
+
+def edit(generator: ConditionalGenerator, images: np.ndarray, sources: np.ndarray, targets: np.ndarray,
+         chunk_rows: int) -> np.ndarray:
+    """Each image redrawn under its target condition (ConditionalGenerator.edit_conditions),
+    `chunk_rows` rows per run (the last chunk padded), as in generate."""
+    return np.concatenate([
+        generator.edit_conditions(i, s, t)
+        for i, s, t in zip(fixed_chunks(images, chunk_rows, True), fixed_chunks(sources, chunk_rows, True),
+                           fixed_chunks(targets, chunk_rows, True))
+    ])[: len(images)]
 
 
 def embed(embedder: Embedder, images: np.ndarray, chunk_rows: int) -> np.ndarray:
@@ -275,8 +292,7 @@ class ModelBatcher:
         self.batches += 1
         self.batched_requests += requests
         chunk = self.policy.chunk_rows
-        conditions = np.concatenate([p.request.conditions for p in live])
-        images = split(generate(self.generator, conditions, [s for p in live for s in p.request.seeds], chunk), live)
+        images = self._draw(live, chunk)
         generated = time.perf_counter()
         live = still_live(live, EMBED)
         vectors = {}
@@ -297,6 +313,24 @@ class ModelBatcher:
             outcomes[p] = Drawn(images[p], vectors[p], candidates[p], {s: t * 1000 for s, t in timings.items()},
                                 requests)
         return [outcomes[p] for p in batch]
+
+
+    def _draw(self, live: list[_Pending], chunk: int) -> dict[_Pending, np.ndarray]:
+        """The generate stage: drawings from seeds and edits, each kind in its own fixed chunks,
+        and the given images of image queries as they are."""
+        sampled = [p for p in live if p.request.edit_from is None and p.request.given is None]
+        edited = [p for p in live if p.request.edit_from is not None]
+        images = {p: p.request.given for p in live if p.request.given is not None}
+        if sampled:
+            conditions = np.concatenate([p.request.conditions for p in sampled])
+            seeds = [s for p in sampled for s in p.request.seeds]
+            images.update(split(generate(self.generator, conditions, seeds, chunk), sampled))
+        if edited:
+            drawn = edit(self.generator, np.concatenate([p.request.edit_from for p in edited]),
+                         np.concatenate([p.request.edit_sources for p in edited]),
+                         np.concatenate([p.request.conditions for p in edited]), chunk)
+            images.update(split(drawn, edited))
+        return images
 
 
 def split(rows: np.ndarray, owners: list[_Pending]) -> dict[_Pending, np.ndarray]:

@@ -13,7 +13,9 @@ Each stage is a function that returns its output (stage names: atelier.retrieval
     waiting for it, timed as queue: the batch worker calls them in order and returns each
     request its own rows of their outputs, `Drawn`)
     merge     merge(index, vectors, candidates, top_k) -> products: the union of those
-              candidates, ranked by their MEAN similarity over all samples
+              candidates, ranked by their MEAN similarity over all samples, with each one's
+              image URI (where the catalogue has them) and, asked for, its thumbnail (both
+              read from the index folder, never the catalogue)
 
 Why the mean: each sample is one plausible drawing of the request. What the samples share is
 what was asked (the attributes); what varies between them (pose, shade, a detail) is noise
@@ -134,13 +136,16 @@ class RetrievalRequest:
     seed: int | None = None  # None = a fresh random seed, returned in the result
     return_images: bool = False
     filters: Mapping[str, Any] = field(default_factory=dict)  # group -> allowed value(s) of the index's products
+    return_thumbnails: bool = False  # each product's thumbnail from the index (one built with thumbnails)
 
 
 @dataclass
 class Product:
     id: str
     score: float
-    attributes: dict[str, Any]
+    attributes: dict[str, Any]  # the schema's groups only (never image_uri)
+    thumbnail: bytes | None = None  # encoded PNG / JPEG, at most the index's thumbnail_size px; when asked
+    image_uri: str | None = None  # the catalogue's http(s) address of the photo, where it has one
 
 
 @dataclass
@@ -189,6 +194,7 @@ class ValidRequest:
     seed: int  # the request's, or a fresh random one
     return_images: bool
     filters: dict[str, tuple[str, ...]] = field(default_factory=dict)  # canonical spellings where the schema has them
+    return_thumbnails: bool = False
 
 
 class RetrievalService:
@@ -281,6 +287,11 @@ class RetrievalService:
     # -- the call -----------------------------------------------------------------------------
     def check_sizes(self, request: RetrievalRequest) -> None:
         """Bounds on the request's shape, checked before any name is looked up or echoed."""
+        self.check_shape({"model name": request.model}, {"attribute": request.attributes, "filter": request.filters})
+
+    def check_shape(self, strings: Mapping[str, str], mappings: Mapping[str, Mapping[str, Any]]) -> None:
+        """The bounds of `Limits` on a request's strings (what -> text) and its group -> value(s)
+        maps (what kind -> map); the refusal names the limit."""
         lim = self.limits
 
         def short(text: str) -> str:
@@ -292,8 +303,9 @@ class RetrievalService:
                     f"{what} {short(text)} has {len(text)} characters; allowed at most {lim.max_string_length} (max_string_length)"
                 )
 
-        check_string("model name", request.model)
-        for kind, given in (("attribute", request.attributes), ("filter", request.filters)):
+        for what, text in strings.items():
+            check_string(what, text)
+        for kind, given in mappings.items():
             if len(given) > lim.max_attributes:
                 raise InvalidRequest(f"{len(given)} {kind}s given; allowed at most {lim.max_attributes} (max_attributes)")
             for name, raw in given.items():
@@ -333,8 +345,13 @@ class RetrievalService:
         except InvalidAttributes as error:
             raise InvalidRequest(str(error)) from None
         filters = normalise_filters(served.index.schema, request.filters)
+        if request.return_thumbnails and not served.index.has_thumbnails:
+            raise InvalidRequest(
+                f"return_thumbnails: index version {served.version} has no thumbnails; "
+                "reindex with `atelier index --thumbnail-size PX` (default 64) to serve them"
+            )
         seed = request.seed if request.seed is not None else random.getrandbits(63)
-        return ValidRequest(model, attributes, n, k, seed, request.return_images, filters)
+        return ValidRequest(model, attributes, n, k, seed, request.return_images, filters, request.return_thumbnails)
 
     def generate_and_retrieve(self, request: RetrievalRequest, time_remaining: float | None = None) -> RetrievalResult:
         """Run the stages; `time_remaining` (seconds, None = no deadline) is checked before each."""
@@ -350,7 +367,7 @@ class RetrievalService:
             timings.update(drawn.timings_ms)  # queue, generate, embed, search: the batch's
             started = time.perf_counter()
             deadline.check(MERGE)
-            products = merge(served.index, drawn.vectors, drawn.candidates, valid.top_k)
+            products = merge(served.index, drawn.vectors, drawn.candidates, valid.top_k, valid.return_thumbnails)
             timings[MERGE] = milliseconds_since(started)
         return RetrievalResult(
             products=products, images=list(drawn.images) if valid.return_images else [], timings_ms=timings,
@@ -389,16 +406,23 @@ class RetrievalService:
                 "version": index.version, "count": len(index), "dimension": index.manifest["dimension"],
                 "metric": index.manifest["metric"], "index_type": index.manifest["index_type"],
                 "embedder": index.embedder, "catalogue": index.manifest["catalogue"],
+                "thumbnail_size": index.thumbnail_size,
             },
             "limits": self.limits.as_dict(),
         }
 
 
-def merge(index: IndexDirectory, vectors: np.ndarray, candidates: np.ndarray, k: int) -> list[Product]:
-    """The merge stage: the k best of all samples' `candidates` (index rows) as products."""
+def merge(index: IndexDirectory, vectors: np.ndarray, candidates: np.ndarray, k: int,
+          thumbnails: bool = False) -> list[Product]:
+    """The merge stage: the k best of all samples' `candidates` (index rows) as products, with
+    their image URIs and (`thumbnails`) their thumbnails."""
     ranked, scores = merge_by_mean_similarity(index, vectors, candidates, k)
-    chosen = index.product_rows(ranked.tolist())
-    return [Product(id=row.pop("id"), score=float(s), attributes=row) for row, s in zip(chosen, scores)]
+    rows = ranked.tolist()
+    chosen = index.product_rows(rows)
+    uris = index.image_uris(rows)
+    images = index.thumbnails(rows) if thumbnails else [None] * len(rows)
+    return [Product(id=row.pop("id"), score=float(s), attributes=row, thumbnail=image, image_uri=uri)
+            for row, s, uri, image in zip(chosen, scores, uris, images)]
 
 
 def check_index(index: IndexDirectory, models: Mapping[str, LoadedModel], embedder: Embedder | None = None) -> Embedder:

@@ -12,6 +12,11 @@ from atelier.server.security import open_channel
 from atelier.server.wire import pb, pb_grpc
 
 
+def values(given: Mapping[str, str | Sequence[str]] | None) -> dict[str, pb.AttributeValues]:
+    """group -> value or values, as the proto's map<string, AttributeValues>."""
+    return {k: pb.AttributeValues(values=[v] if isinstance(v, str) else list(v)) for k, v in (given or {}).items()}
+
+
 class AtelierClient:
     def __init__(
         self,
@@ -55,18 +60,42 @@ class AtelierClient:
         seed: int | None = None,
         return_images: bool = False,
         filters: Mapping[str, str | Sequence[str]] | None = None,
+        return_thumbnails: bool = False,
     ) -> pb.GenerateAndRetrieveResponse:
-        """`filters`: group -> value(s) every returned product must have (see GetSchema's filter_groups)."""
-        def values(given: Mapping[str, str | Sequence[str]]) -> dict[str, pb.AttributeValues]:
-            return {k: pb.AttributeValues(values=[v] if isinstance(v, str) else list(v)) for k, v in given.items()}
-
+        """`filters`: group -> value(s) every returned product must have (see GetSchema's filter_groups);
+        `return_thumbnails`: each product's thumbnail in `Product.thumbnail` (the index must have them)."""
         request = pb.GenerateAndRetrieveRequest(
-            attributes=values(attributes), filters=values(filters or {}),
+            attributes=values(attributes), filters=values(filters),
             model=model, num_samples=num_samples, top_k=top_k, return_images=return_images,
+            return_thumbnails=return_thumbnails,
         )
         if seed is not None:
             request.seed = seed
         return self.stub.GenerateAndRetrieve(request, timeout=self.timeout)
+
+    def retrieve_similar(
+        self,
+        product_id: str = "",
+        image: bytes = b"",
+        changes: Mapping[str, str | Sequence[str]] | None = None,
+        attributes: Mapping[str, str | Sequence[str]] | None = None,
+        model: str = "",
+        top_k: int = 0,
+        return_images: bool = False,
+        return_thumbnails: bool = False,
+        filters: Mapping[str, str | Sequence[str]] | None = None,
+    ) -> pb.GenerateAndRetrieveResponse:
+        """Products like a product (`product_id`) or an image (`image`, encoded bytes), after
+        `changes` to its attributes when given (see RetrieveSimilar in the proto)."""
+        request = pb.RetrieveSimilarRequest(
+            changes=values(changes), attributes=values(attributes), filters=values(filters), model=model,
+            top_k=top_k, return_images=return_images, return_thumbnails=return_thumbnails,
+        )
+        if product_id:
+            request.product_id = product_id
+        if image:
+            request.image = image
+        return self.stub.RetrieveSimilar(request, timeout=self.timeout)
 
     def get_schema(self) -> pb.GetSchemaResponse:
         return self.stub.GetSchema(pb.GetSchemaRequest(), timeout=self.timeout)

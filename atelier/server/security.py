@@ -45,6 +45,7 @@ log = logging.getLogger("atelier.server")
 METHOD_RIGHTS: dict[str, str] = {
     "/atelier.v1.Atelier/GenerateAndRetrieve": "query",
     "/atelier.v1.Atelier/GetSchema": "query",
+    "/atelier.v1.Atelier/RetrieveSimilar": "query",
     "/atelier.v1.Atelier/ReloadIndex": "admin",
 }
 DEFAULT_RIGHT = "admin"

@@ -3,6 +3,7 @@
 Every outcome has its status code, so a client can tell its own mistake from the server's:
     INVALID_ARGUMENT     the request breaks a rule or a limit (the message names it), or is not
                          a parseable message at all
+    NOT_FOUND            RetrieveSimilar: no product of that id in the served index
     RESOURCE_EXHAUSTED   the model's queue is full (the message names the bound); retry later
     DEADLINE_EXCEEDED    the caller's deadline passed; the stages after it were not run
     UNAVAILABLE          still loading the models and index (health: NOT_SERVING)
@@ -27,6 +28,7 @@ from atelier.retrieval.service import (
     RetrievalRequest,
     RetrievalService,
 )
+from atelier.retrieval.similar import ProductNotFound, SimilarRequest, retrieve_similar
 from atelier.retrieval.stages import ENCODE
 from atelier.server.wire import pb, pb_grpc
 
@@ -38,6 +40,11 @@ def _values(value) -> pb.AttributeValues:
     if value is None:
         return pb.AttributeValues(values=[])
     return pb.AttributeValues(values=[value] if isinstance(value, str) else list(value))
+
+
+def _groups(values) -> dict[str, list[str]]:
+    """A proto map<string, AttributeValues> as group -> list of values."""
+    return {name: list(v.values) for name, v in values.items()}
 
 
 def time_remaining(context: grpc.ServicerContext) -> float | None:
@@ -85,10 +92,30 @@ class AtelierServicer(pb_grpc.AtelierServicer):
             top_k=request.top_k,
             seed=request.seed if request.HasField("seed") else None,
             return_images=request.return_images,
-            filters={name: list(v.values) for name, v in request.filters.items()},
+            filters=_groups(request.filters),
+            return_thumbnails=request.return_thumbnails,
         )
+        return self._answer("GenerateAndRetrieve", context,
+                            lambda: service.generate_and_retrieve(domain_request, time_remaining=time_remaining(context)))
+
+    def RetrieveSimilar(self, request, context):
+        service = self._ready(request, context)
+        domain_request = SimilarRequest(
+            product_id=request.product_id, image=request.image,
+            changes={name: list(v.values) if len(v.values) != 1 else v.values[0] for name, v in request.changes.items()},
+            attributes={name: list(v.values) if len(v.values) != 1 else v.values[0] for name, v in request.attributes.items()},
+            model=request.model, top_k=request.top_k, return_images=request.return_images,
+            return_thumbnails=request.return_thumbnails, filters=_groups(request.filters),
+        )
+        return self._answer("RetrieveSimilar", context,
+                            lambda: retrieve_similar(service, domain_request, time_remaining=time_remaining(context)))
+
+    def _answer(self, method: str, context, call) -> pb.GenerateAndRetrieveResponse:
+        """Run `call` (-> RetrievalResult) with each outcome's status code, then encode the response."""
         try:
-            result = service.generate_and_retrieve(domain_request, time_remaining=time_remaining(context))
+            result = call()
+        except ProductNotFound as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except InvalidRequest as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except Overloaded as error:
@@ -96,7 +123,7 @@ class AtelierServicer(pb_grpc.AtelierServicer):
         except DeadlineExceeded as error:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
         except Exception:  # a bug, not the caller's fault: log it, keep serving
-            log.exception("GenerateAndRetrieve failed")
+            log.exception("%s failed", method)
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         if time_remaining(context) == 0:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the request's deadline passed before stage {ENCODE!r}")
@@ -107,7 +134,8 @@ class AtelierServicer(pb_grpc.AtelierServicer):
         timings = {**result.timings_ms, ENCODE: (time.perf_counter() - start) * 1000}
         return pb.GenerateAndRetrieveResponse(
             products=[
-                pb.Product(id=p.id, score=p.score, attributes={k: _values(v) for k, v in p.attributes.items()})
+                pb.Product(id=p.id, score=p.score, attributes={k: _values(v) for k, v in p.attributes.items()},
+                           thumbnail=p.thumbnail or b"", image_uri=p.image_uri or "")
                 for p in result.products
             ],
             images=images,
@@ -128,7 +156,7 @@ class AtelierServicer(pb_grpc.AtelierServicer):
                 version=index["version"], count=index["count"], dimension=index["dimension"], metric=index["metric"],
                 index_type=index["index_type"], embedder=index["embedder"]["name"],
                 embedder_input_size=index["embedder"]["input_size"], catalogue=index["catalogue"]["name"],
-                catalogue_fingerprint=index["catalogue"]["fingerprint"],
+                catalogue_fingerprint=index["catalogue"]["fingerprint"], thumbnail_size=index["thumbnail_size"],
             ),
             limits=pb.Limits(**info["limits"]),
             filter_groups=[pb.AttributeGroup(name=g["name"], values=g["values"], multi_label=g["multi_label"])
