@@ -4,7 +4,8 @@
 #   ./dev.sh test [pytest options] set up what is missing, then run the tests
 #   ./dev.sh setup                 only set up
 # Set-up is idempotent and quick the second time: a .venv with the project, the offline
-# Fashion-MNIST IDX files and ImageNet mobilenet_v2 weights, and the generated gRPC code.
+# Fashion-MNIST IDX files and ImageNet mobilenet_v2 weights, Debian's chromium and chromedriver
+# (the web page's browser tests), and the generated gRPC code.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -53,6 +54,24 @@ setup_fashion_mnist() {
     || say "Fashion-MNIST is unavailable: tests that need it will skip, the demo will stop"
 }
 
+setup_browser() {
+  # Debian's headless Chromium and its driver: the web page's browser tests (tests/test_web.py)
+  # and its screenshot (benchmarks/web_screenshot.py). Never a browser downloaded by selenium.
+  if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+    return
+  fi
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    say "installing Debian's chromium and chromium-driver"
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+       || { apt-get update -q >/dev/null 2>&1 \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; then
+      return
+    fi
+    say "apt-get could not install chromium and chromium-driver"
+  fi
+  say "no /usr/bin/chromium or /usr/bin/chromedriver: the browser tests will skip (apt-get install chromium chromium-driver)"
+}
+
 setup_weights_and_code() {
   "$VENV/bin/python" - <<'PY'
 from pathlib import Path
@@ -73,6 +92,7 @@ PY
 setup() {
   setup_python
   setup_fashion_mnist
+  setup_browser
   setup_weights_and_code
 }
 

@@ -355,7 +355,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.index, models, args.address, args.workers, limits, security=_serve_security(args),
           watch_index=args.watch_index, grace=args.grace, drain=args.drain,
           batching=BatchPolicy(max_wait_ms=args.batch_wait_ms, max_batch_rows=args.max_batch_rows,
-                               chunk_rows=args.batch_chunk_rows), sampling=parse_sampling(args.sampling, models))
+                               chunk_rows=args.batch_chunk_rows), sampling=parse_sampling(args.sampling, models),
+          http_address=args.http)
 
 
 def _serve_parser(verbs) -> None:
@@ -365,6 +366,10 @@ def _serve_parser(verbs) -> None:
                    help="checkpoint folder, optionally named; repeat for several models (the first is the default)")
     _add_sampling_arg(p)
     p.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (default 127.0.0.1:50051)")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve the web page and the HTTP/JSON API (POST /v1/generate-and-retrieve, "
+                        "/v1/retrieve-similar; GET /v1/schema) there, e.g. 127.0.0.1:8080: same limits, "
+                        "tokens and TLS as the gRPC port (default: gRPC only)")
     p.add_argument("--workers", type=int, default=8,
                    help="gRPC threads (default 8; raised to models x --max-queue + 4 so admitted requests never "
                         "wait in gRPC's own unbounded queue)")

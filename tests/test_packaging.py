@@ -112,6 +112,8 @@ def test_the_wheel_ships_the_generated_grpc_modules(installed):
     assert set(GENERATED) <= names, sorted(n for n in names if n.startswith("atelier/v1"))
     assert all((target / name).is_file() for name in GENERATED)
     assert "atelier/server/protogen.py" in names and not any(n.startswith("proto/") for n in names)
+    web = [f"atelier/server/web/{name}" for name in ("index.html", "app.js", "style.css")]  # `atelier serve --http`
+    assert set(web) <= names and all((target / name).is_file() for name in web)
 
 
 def test_the_installed_cli_lists_its_verbs(installed, tmp_path):

@@ -152,6 +152,7 @@ CATALOGUE_EMBEDDERS = {
     "fashion-mnist": "embedder-fashion-mnist",
     "fashion-product-images-apparel-6x6": "embedder-fpi-apparel",
     "fashion-product-images-apparel-6x6-all": "embedder-fpi-apparel",
+    "fashion-product-images-full": "embedder-fpi-full",
 }
 
 

@@ -399,7 +399,8 @@ class RetrievalService:
             "default_model": self.default_model,
             "models": [
                 {"name": m.name, "family": m.generator.family, "version": m.version,
-                 "image_size": m.generator.image_size, "channels": m.generator.channels}
+                 "image_size": m.generator.image_size, "channels": m.generator.channels,
+                 "accepts_partial": bool(m.generator.accepts_partial), "can_edit": bool(m.generator.can_edit)}
                 for m in self.models.values()
             ],
             "index": {

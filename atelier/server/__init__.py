@@ -1,6 +1,7 @@
 """The gRPC face of retrieval: the servicer (thin: messages in, RetrievalService, messages out),
-the server (health, reflection, admission control, index hot swap, TLS and bearer tokens) and
-the client. The message code is generated from proto/ (`protogen`) and imported through `wire`.
+the server (health, reflection, admission control, index hot swap, TLS and bearer tokens), its
+HTTP/JSON face and web page (`http`, `web/`) and the client. The message code is generated from
+proto/ (`protogen`) and imported through `wire`.
 """
 
 from atelier.exports import lazy_exports
@@ -11,6 +12,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "RunningServer": "atelier.server.app",
     "AtelierClient": "atelier.server.client",
     "AtelierServicer": "atelier.server.servicer",
+    "HttpFace": "atelier.server.http",
     "load_security": "atelier.server.security",
     "SecurityConfig": "atelier.server.security",
 })

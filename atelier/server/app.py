@@ -3,7 +3,9 @@
 Life of a server: it binds its port and answers health checks (NOT_SERVING) before the models
 and index load; it reports SERVING once they have; on shutdown it reports NOT_SERVING first,
 then lets in-flight calls finish. With `watch_index` it swaps to a newly published index
-(RetrievalService.reload_index) without a restart; ReloadIndex does the same on request.
+(RetrievalService.reload_index) without a restart; ReloadIndex does the same on request. With
+`http_address` the same servicer also answers HTTP/JSON and serves the web page (server/http.py),
+from the same process, under the same limits and security; it stops with the gRPC server.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from atelier.retrieval.batching import BatchPolicy
 from atelier.retrieval.service import IndexRefused, Limits, RetrievalService
+from atelier.server.http import HttpFace
 from atelier.server.security import SecurityConfig
 from atelier.server.servicer import AtelierServicer, add_atelier_servicer
 from atelier.server.wire import pb
@@ -91,6 +94,7 @@ class RunningServer:
     health: health.HealthServicer
     servicer: AtelierServicer
     watch_index: float | None = None  # seconds between looks at the index path; None: no watcher
+    http: HttpFace | None = None  # the HTTP/JSON face and web page, when started with http_address
     watcher: IndexWatcher | None = field(default=None, init=False)
 
     @property
@@ -127,18 +131,22 @@ class RunningServer:
             self.watcher.stop()
         if drain > 0:
             time.sleep(drain)
-        self.server.stop(grace).wait()
+        stopped = self.server.stop(grace)
+        if self.http is not None:
+            self.http.stop(grace)  # its in-flight calls finish alongside the gRPC ones
+        stopped.wait()
 
 
 def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0", max_workers: int = 8,
                  security: SecurityConfig | None = None, *, limits: Limits | None = None,
-                 watch_index: float | None = None) -> RunningServer:
+                 watch_index: float | None = None, http_address: str | None = None) -> RunningServer:
     """Start serving `service` on `address` (port 0 = a free port); returns once listening.
 
     `service` None: listen now, health NOT_SERVING and calls UNAVAILABLE until `RunningServer.load`
     or `attach` gives it one (`limits` then sets the message sizes; else the service's do).
     `security`: TLS / mutual TLS and bearer tokens (None: plaintext, no checks).
     `watch_index`: poll the index path this often (seconds) and swap to a new published version.
+    `http_address`: also serve HTTP/JSON and the web page there (HOST:PORT; port 0 = a free port).
     """
     limits = service.limits if service is not None else (limits or Limits())
     if service is not None:
@@ -162,7 +170,14 @@ def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0",
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()
-    running = RunningServer(server, port, health_servicer, servicer, watch_index)
+    http = None
+    if http_address is not None:
+        try:
+            http = HttpFace(servicer, http_address, limits, security).start()
+        except BaseException:
+            server.stop(0)
+            raise
+    running = RunningServer(server, port, health_servicer, servicer, watch_index, http)
     if service is not None:
         running.attach(service)
     return running
@@ -171,15 +186,16 @@ def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0",
 def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: int = 8, limits: Limits | None = None,
           security: SecurityConfig | None = None, *, watch_index: float | None = None, grace: float = 5.0,
           drain: float = 0.0, batching: BatchPolicy | None = None,
-          sampling: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+          sampling: Mapping[str, Mapping[str, Any]] | None = None, http_address: str | None = None) -> None:
     """`atelier serve`: listen (NOT_SERVING), load, serve until SIGINT/SIGTERM, shut down gracefully.
-    `sampling`: per model name, sampling options to serve it with (RetrievalService.open)."""
+    `sampling`: per model name, sampling options to serve it with (RetrievalService.open).
+    `http_address`: also serve HTTP/JSON and the web page there."""
     limits = limits or Limits()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     running = start_server(None, address, max(max_workers, workers_needed(limits, len(models))), security=security,
-                           limits=limits, watch_index=watch_index)
+                           limits=limits, watch_index=watch_index, http_address=http_address)
     log.info("security: %s", security.describe() if security else "plaintext, no tokens")
     log.info("port %d bound (health NOT_SERVING); loading models and index", running.port)
     try:
@@ -191,6 +207,8 @@ def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: in
              SERVICE_NAME, ", ".join(service.models), service.index.version, len(service.index), running.port,
              f"; watching the index every {watch_index:g} s" if watch_index else "")
     print(f"atelier: listening on {address.rsplit(':', 1)[0]}:{running.port}", flush=True)
+    if running.http is not None:
+        print(f"atelier: web page and HTTP/JSON on {running.http.url}", flush=True)
     stop.wait()
     log.info("shutting down: NOT_SERVING, %g s drain, up to %g s for in-flight calls", drain, grace)
     running.stop(grace, drain)

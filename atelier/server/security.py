@@ -302,13 +302,15 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(self.open_prefixes):
             return continuation(handler_call_details)
-        code, details = self._check(method, handler_call_details.invocation_metadata or ())
+        code, details = self.check(method, handler_call_details.invocation_metadata or ())
         if code is None:
             return continuation(handler_call_details)
         # The real handler only tells the shape (unary or streaming) of the refusal; it never runs.
         return _refusal(continuation(handler_call_details), method, code, details)
 
-    def _check(self, method: str, metadata) -> tuple[grpc.StatusCode | None, str]:
+    def check(self, method: str, metadata) -> tuple[grpc.StatusCode | None, str]:
+        """(None, "") when `metadata` (key, value pairs) carries a token with the right `method` needs,
+        else the refusal's code and message; the HTTP face (server/http.py) checks its calls with this too."""
         headers = [value for key, value in metadata if key.lower() == "authorization"]
         if not headers:
             return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: send metadata 'authorization: Bearer <token>'"
