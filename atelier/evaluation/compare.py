@@ -59,6 +59,9 @@ REAL = "real products"
 class EvalSettings:
     samples: int = 16  # images per condition: accuracy, diversity, the report's rows
     min_products: int = 20  # conditions: combinations with at least this many products in the index
+    # the groups requests name (and the judge grades): () = every single-label group; fewer need
+    # models that take partial requests (the others are drawn from what the model learned)
+    groups: tuple[str, ...] = ()
     ks: tuple[int, ...] = (1, 5, 10)
     is_images: int = 20_000  # the seed's 20,000 in 5 splits
     is_splits: int = 5
@@ -123,7 +126,7 @@ class Evaluation:
         self.catalogue = Catalogue.open(catalogue_path)
         self.models = {name: loaded.generator for name, loaded in self.service.models.items()}
         schema = next(iter(self.models.values())).schema
-        self.groups = tuple(g.name for g in schema.groups if not g.multi_label)
+        self.groups = self._asked_groups(schema)
         for name in self.groups:
             if name not in self.judge.schema.names or self.judge.schema.group(name).values != schema.group(name).values:
                 raise ValueError(f"judge {judge_path} does not judge group {name!r} with the models' values; "
@@ -131,11 +134,23 @@ class Evaluation:
         self.class_group = self.groups[0]
         self.held_out = self._held_out()
         # held-out combinations were drawn among those with enough training rows, so they are here too
-        self.conditions = [c for c in combinations_in_index(self.index, schema, s.min_products)
+        self.conditions = [c for c in combinations_in_index(self.index, schema, s.min_products, self.groups)
                            if all(c[g] in m.schema.group(g).values for m in self.models.values() for g in c)]
         if not self.conditions:
             raise ValueError(f"no attribute combination has {s.min_products} products in {index_path}; "
                              "lower --min-products")
+
+    def _asked_groups(self, schema) -> tuple[str, ...]:
+        every = tuple(g.name for g in schema.groups if not g.multi_label)
+        asked = tuple(self.settings.groups) or every
+        unknown = [g for g in asked if g not in every]
+        if unknown:
+            raise ValueError(f"--groups {unknown} are not single-label groups of the models; they have {', '.join(every)}")
+        whole = [name for name, m in self.models.items() if not m.accepts_partial]
+        if set(asked) != set(every) and whole:
+            raise ValueError(f"--groups names {len(asked)} of the {len(every)} groups, but model(s) {whole} need "
+                             "every group in a request")
+        return asked
 
     def _held_out(self) -> list[dict[str, str]]:
         held: list[dict[str, str]] = []

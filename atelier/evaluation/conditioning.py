@@ -17,9 +17,11 @@ from atelier.catalog.schema import AttributeSchema
 from atelier.indexer.index_directory import IndexDirectory
 
 
-def combinations_in_index(index: IndexDirectory, schema: AttributeSchema, minimum: int) -> list[dict[str, str]]:
-    """Every combination of the schema's single-label values with at least `minimum` products."""
-    groups = [g.name for g in schema.groups if not g.multi_label]
+def combinations_in_index(index: IndexDirectory, schema: AttributeSchema, minimum: int,
+                          groups: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Every combination of the schema's single-label values (of `groups` only, when given) with
+    at least `minimum` products."""
+    groups = list(groups) or [g.name for g in schema.groups if not g.multi_label]
     table = index.products.select(groups).to_pylist()
     counts = Counter(tuple(row[g] for g in groups) for row in table)
     allowed = [set(schema.group(g).values) for g in groups]
