@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         model_overrides=dict(args.set), progress=not args.quiet, device=args.device,
         hold_out_groups=tuple(g for g in (args.hold_out or "").split(",") if g),
         hold_out_fraction=args.hold_out_fraction, hold_out_min_rows=args.hold_out_min_rows,
-        command=_command(args),
+        tensorboard=args.tensorboard, log_every=args.log_every, command=_command(args),
     ))
     print(f"checkpoint: {args.out} -> {folder}")
 
@@ -143,8 +143,17 @@ def _train_parser(verbs) -> None:
                    help="share of all combinations to hold out (default 0.1: 4 of 6x6)")
     p.add_argument("--hold-out-min-rows", type=int, default=40,
                    help="only hold out combinations with at least this many rows (default 40)")
+    _add_tensorboard_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+
+def _add_tensorboard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="TensorBoard event files in OUT.tensorboard/ beside the checkpoint: losses, images/s and "
+                        "learning rate, the sample grid each epoch; the step is images seen (default: on)")
+    p.add_argument("--log-every", type=int, default=10, metavar="STEPS",
+                   help="optimisation steps per logged point, their mean losses (default 10)")
 
 
 def cmd_train_attributes(args: argparse.Namespace) -> None:
@@ -196,7 +205,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
         teacher=args.teacher, catalogue=args.catalogue, out=args.out, teacher_sampling=dict(args.teacher_sampling),
         pairs=args.pairs, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, max_seconds=args.max_seconds, max_steps=args.max_steps,
-        seed=args.seed, threads=args.threads, resume=args.resume, progress=not args.quiet, command=_command(args)))
+        seed=args.seed, threads=args.threads, resume=args.resume, progress=not args.quiet,
+        tensorboard=args.tensorboard, log_every=args.log_every, command=_command(args)))
     print(f"checkpoint: {args.out} -> {folder}")
 
 
@@ -223,6 +233,7 @@ def _distill_parser(verbs) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--resume", action="store_true", help="continue the student at --out exactly")
+    _add_tensorboard_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_distill)
 
@@ -265,8 +276,19 @@ def cmd_index(args: argparse.Namespace) -> None:
                            target_recall=args.target_recall, pca=args.pca, factory=args.index_factory)
     folder = reindex(args.catalogue, args.out, args.embedder, args.input_size, args.batch_size,
                      args.max_failed_fraction, args.threads, progress=not args.quiet, index_options=options,
-                     thumbnail_size=args.thumbnail_size)
+                     thumbnail_size=args.thumbnail_size, distributor=args.distributor, ray_address=args.ray_address,
+                     workers=args.workers, shard_rows=args.shard_rows)
     print(f"index: {args.out} -> {folder}")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _index_parser(verbs) -> None:
@@ -294,7 +316,20 @@ def _index_parser(verbs) -> None:
     p.add_argument("--thumbnail-size", type=int, default=64, metavar="PX",
                    help="keep each product's thumbnail, at most PX px (1-256), in the index, for responses that "
                         "ask for them (default 64: the catalogue's own image where it is no larger; 0: none)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int,
+                   help="torch threads (default: torch's); with --distributor ray, of each Ray worker (default 1)")
+    p.add_argument("--distributor", choices=("local", "ray"), default="local",
+                   help="local (default): this process embeds; ray: Ray workers embed shards of the catalogue and "
+                        "this process builds and publishes the same index (pip install 'atelier[ray]')")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with --distributor ray: the Ray cluster to run on (e.g. auto, or HOST:6379); default: "
+                        "a local Ray started and stopped by the command. The workers read the catalogue at its "
+                        "path: on a cluster it must be on storage every node sees")
+    p.add_argument("--workers", type=_at_least_one, metavar="N",
+                   help="with --distributor ray: Ray workers (default: the CPUs, local or the cluster's, / --threads)")
+    p.add_argument("--shard-rows", type=_at_least_one, metavar="N",
+                   help="with --distributor ray: catalogue rows per shard, a multiple of --batch-size "
+                        "(default: about 8 shards per worker, at most 4096 rows)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_index)
 
@@ -343,6 +378,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from atelier.retrieval.batching import BatchPolicy
     from atelier.retrieval.service import Limits
     from atelier.server.app import serve
+    from atelier.server.telemetry import configure_logging
 
     # The defaults (4 drawings, top 10) shrink to fit lower maxima rather than refuse them.
     num_samples = min(Limits.default_num_samples, args.max_num_samples)
@@ -350,13 +386,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = Limits(max_num_samples=args.max_num_samples, max_top_k=args.max_top_k, default_num_samples=num_samples,
                     default_top_k=top_k, max_candidates=args.max_candidates, max_queue_per_model=args.max_queue,
                     max_running_per_model=args.max_running, max_request_bytes=args.max_request_bytes,
-                    max_response_bytes=args.max_response_bytes)
+                    max_response_bytes=args.max_response_bytes, default_deadline_seconds=args.default_deadline)
     models = parse_models(args.model)
-    serve(args.index, models, args.address, args.workers, limits, security=_serve_security(args),
+    security = _serve_security(args)
+    sampling = parse_sampling(args.sampling, models)
+    configure_logging(args.log_format)
+    serve(args.index, models, args.address, args.workers, limits, security=security,
           watch_index=args.watch_index, grace=args.grace, drain=args.drain,
           batching=BatchPolicy(max_wait_ms=args.batch_wait_ms, max_batch_rows=args.max_batch_rows,
-                               chunk_rows=args.batch_chunk_rows), sampling=parse_sampling(args.sampling, models),
-          http_address=args.http)
+                               chunk_rows=args.batch_chunk_rows), sampling=sampling,
+          http_address=args.http, metrics_address=args.metrics)
 
 
 def _serve_parser(verbs) -> None:
@@ -371,14 +410,27 @@ def _serve_parser(verbs) -> None:
                         "/v1/retrieve-similar; GET /v1/schema) there, e.g. 127.0.0.1:8080: same limits, "
                         "tokens and TLS as the gRPC port (default: gRPC only)")
     p.add_argument("--workers", type=int, default=8,
-                   help="gRPC threads (default 8; raised to models x --max-queue + 4 so admitted requests never "
-                        "wait in gRPC's own unbounded queue)")
+                   help="most gRPC threads (default 8; raised to models x --max-queue + 4 so admitted requests "
+                        "never wait in gRPC's own unbounded queue; threads start only as calls need them)")
     p.add_argument("--max-num-samples", type=int, default=32, help="most images one request may ask for (default 32)")
     p.add_argument("--max-top-k", type=int, default=100, help="most products one request may ask for (default 100)")
     p.add_argument("--max-candidates", type=int, default=1024,
                    help="most num_samples x top_k of one request: bounds the merge work (default 1024)")
-    p.add_argument("--max-queue", type=int, default=8, metavar="N",
-                   help="per model, most requests running or waiting; the next gets RESOURCE_EXHAUSTED at once (default 8)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="also serve the Prometheus metrics alone there, at /metrics (the HTTP face of --http "
+                        "serves them too); TLS as the gRPC port's (default: none)")
+    p.add_argument("--log-format", choices=("json", "text"), default="json",
+                   help="stderr log lines: json, one JSON object per line (default), or text ('LEVEL logger: "
+                        "message'); either way each call is one line on the atelier.requests logger whose message "
+                        "is a JSON object (request id, method, model, attributes, code, stage times)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="per model, the hard cap on requests running or waiting; the next gets RESOURCE_EXHAUSTED "
+                        "at once (default 256). Below it a request waits when its expected wait (the rows ahead x "
+                        "the measured batch time per row / --max-running) fits its deadline, and is refused at once "
+                        "when it does not")
+    p.add_argument("--default-deadline", type=float, default=10.0, metavar="SECONDS",
+                   help="the deadline admission assumes for a call that sets none (default 10); such a call is "
+                        "not cut off then")
     p.add_argument("--max-running", type=int, default=2, metavar="N",
                    help="per model, batches computed at once (batch worker threads); the rest of the queue waits "
                         "for the next batch (default 2)")
@@ -559,6 +611,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                      sampling=parse_sampling(args.sampling, models))
     report["command"] = _command(args)
     paths = write_report(report, visuals, args.out)
+    if args.tensorboard:
+        from atelier.evaluation.events import write_events
+
+        paths["tensorboard"] = write_events(report, args.out / "tensorboard")
     print(f"{len(report['conditions'])} conditions x {args.samples} samples; {report['seconds']:.0f} s")
     print(format_markdown(report))
     print("report: " + ", ".join(str(p) for p in paths.values()))
@@ -584,7 +640,7 @@ def _eval_parser(verbs) -> None:
                     "precision@k of GenerateAndRetrieve beside random products, query by a real held-out image "
                     "and an exact metadata filter; held-out combinations of a model trained with --hold-out "
                     "beside seen ones. Real held-out images are the reference. Writes report.json, report.md "
-                    "and report.html to --out.")
+                    "and report.html to --out, and the figures as TensorBoard scalars to --out/tensorboard/.")
     p.add_argument("--index", type=Path, required=True, help="index folder (from `atelier index`) to retrieve from")
     p.add_argument("--catalogue", type=Path, required=True, help="the catalogue with train/test splits (real images)")
     p.add_argument("--judge", type=Path, required=True, help="judge from `atelier train-attributes` on that catalogue")
@@ -617,6 +673,9 @@ def _eval_parser(verbs) -> None:
     p.add_argument("--headline", metavar="NAME", action="append",
                    help="a --model whose figures go into --summary (default: the first); repeat, e.g. for the "
                         "catalogue's best model and a model trained with --hold-out")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write the figures as TensorBoard scalars into OUT/tensorboard/, a run per model, "
+                        "one for the real products and one per retrieval baseline (default: on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,6 +1,6 @@
 """Run the performance benchmarks and write one report: `python -m benchmarks`.
 
-    .venv/bin/python -m benchmarks                     # all five, full size (~40 min on 2 cores before families, which adds ~2)
+    .venv/bin/python -m benchmarks                     # all six, full size (~40 min on 2 cores before families, which adds ~2, and reindex_ray)
     .venv/bin/python -m benchmarks --only index,serving
     .venv/bin/python -m benchmarks --quick             # every benchmark at toy size (a smoke run)
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks.common import command_line, to_markdown, write_report
 
-BENCHMARKS = ("reindex", "serving", "families", "index", "training")  # soak is separate: it runs for minutes by design
+BENCHMARKS = ("reindex", "reindex_ray", "serving", "families", "index", "training")  # soak is separate: it runs for minutes by design
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

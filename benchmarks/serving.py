@@ -1,6 +1,6 @@
 """GenerateAndRetrieve latency and throughput: the in-process pipeline, then the real gRPC server.
 
-    .venv/bin/python -m benchmarks.serving                     # FPI index + MCGAN, 20 s per level, c = 1, 8, 32
+    .venv/bin/python -m benchmarks.serving                     # FPI index + MCGAN, 20 s per level, c = 1, 8, 32, a burst of 64
     .venv/bin/python -m benchmarks.serving --quick             # seconds: small Fashion-MNIST index + CGAN, c = 1, 4
 
 Both figures come from the same server process (this module with --serve-child), so they share
@@ -13,17 +13,23 @@ its torch threads (`--threads`), its loaded model and index, and its batching po
    load generator against it: for each concurrency c, c coroutines on one channel, each sending
    its next call only when its last one has returned (so never more than c in flight), for a
    warm-up (not counted) and then `--seconds`. OK calls give p50/p95/p99 and QPS (OK calls /
-   measured seconds); every other outcome is counted by status code.
+   measured seconds); every other outcome is counted by status code;
+3. a burst: `--burst` calls (64) sent at once on that channel, as a new user's load would come,
+   each with the `--timeout` deadline: OK count, refusals by code, latency and the burst's wall time.
 
 Every request, in process and served, is drawn the same way: random valid attributes from the
 served model's schema (benchmarks.soak.Requests, no invalid ones), a random seed, `--num-samples`
 images and `--top-k` products, no images returned.
 
-Dynamic batching (atelier.retrieval.batching): the server gathers concurrent
-requests for one model into one generator and one embedder batch within `--batch-wait-ms`, up to
-`--max-batch-rows` rows, run in slices of `--batch-chunk-rows`. Its admission bound
-(`max_queue_per_model`) is set to the largest concurrency, so no request is shed, and its gRPC
-workers follow (workers_needed). The whole run is then repeated on a server whose batches hold one
+The server runs on `atelier serve`'s defaults: `Limits()` (admission by expected wait against
+each call's deadline under the hard cap max_queue_per_model 256, default_deadline_seconds 10,
+max_running_per_model 2 batch workers; `--max-running` changes only that) and `BatchPolicy()`
+(unless `--batch-wait-ms`, `--max-batch-rows` or `--batch-chunk-rows` say otherwise), with the gRPC
+workers atelier serve gives it (workers_needed). Nothing is set to keep requests from being shed:
+a refusal (RESOURCE_EXHAUSTED) is counted like any other outcome. Dynamic batching
+(atelier.retrieval.batching): the server gathers concurrent requests for one model into one
+generator and one embedder batch within `--batch-wait-ms`, up to `--max-batch-rows` rows, run in
+slices of `--batch-chunk-rows`. The whole run is then repeated on a server whose batches hold one
 request each (max_batch_rows 1, no wait), to show what batching gives. Per level the report also
 gives the requests per batch (the batcher's counters) and the cores the server and the load
 generator kept busy: on a small machine both share the CPUs.
@@ -90,8 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="server: most generator rows in one batch (BatchPolicy.max_batch_rows; default the policy's own)")
     p.add_argument("--batch-chunk-rows", type=int,
                    help="server: the one row count both networks run at (BatchPolicy.chunk_rows; default the policy's own)")
-    p.add_argument("--max-running", type=int, default=2,
-                   help="server: batch worker threads per model (Limits.max_running_per_model; default 2, the server's)")
+    p.add_argument("--max-running", type=int,
+                   help="server: batch worker threads per model (Limits.max_running_per_model; default: the "
+                        "server's own)")
+    p.add_argument("--burst", type=int, default=64,
+                   help="calls sent at once after the levels, each with the --timeout deadline (default 64; 0: none)")
     p.add_argument("--no-unbatched", action="store_true",
                    help="skip the second served run on a server without dynamic batching")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline of each call in seconds (default 30)")
@@ -101,7 +110,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "shared with benchmarks.soak)")
     p.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-batching", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
-    p.add_argument("--max-queue", type=int, default=32, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     args.seconds = args.seconds if args.seconds is not None else (1.5 if args.quick else 20.0)
@@ -114,8 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.concurrency = sorted(set(levels))
     if not args.concurrency or args.concurrency[0] < 1:
         p.error("--concurrency needs at least one level, each at least 1")
-    if args.seconds <= 0 or args.warmup_seconds < 0 or args.threads < 1 or args.timeout <= 0:
-        p.error("--seconds and --timeout must be positive, --warmup-seconds not negative, --threads at least 1")
+    if args.seconds <= 0 or args.warmup_seconds < 0 or args.threads < 1 or args.timeout <= 0 or args.burst < 0:
+        p.error("--seconds and --timeout must be positive, --warmup-seconds and --burst not negative, "
+                "--threads at least 1")
     if args.index is None and not args.quick:
         args.index = DEFAULT_INDEX
     if args.model is None:
@@ -207,7 +216,7 @@ def serve_child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    limits = Limits(max_queue_per_model=args.max_queue, max_running_per_model=args.max_running)
+    limits = Limits(**({"max_running_per_model": args.max_running} if args.max_running else {}))  # the defaults
     policy = batch_policy(args, args.child_batching == "on")
     extra = {"batching": policy} if policy is not None else {}
     service = RetrievalService.open(args.index, {args.model_name: args.model}, limits, **extra)
@@ -239,8 +248,9 @@ def start_server_process(args: argparse.Namespace, index: Path, config: str) -> 
                "--model", str(args.model), "--model-name", args.model_name, "--threads", str(args.threads),
                "--seconds", str(args.seconds), "--warmup-seconds", str(args.warmup_seconds),
                "--num-samples", str(args.num_samples), "--top-k", str(args.top_k), "--seed", str(args.seed),
-               "--max-queue", str(max(args.concurrency)), "--child-batching", "on" if config == BATCHED else "off",
-               "--max-running", str(args.max_running)]
+               "--child-batching", "on" if config == BATCHED else "off"]
+    if args.max_running is not None:
+        command += ["--max-running", str(args.max_running)]
     if args.batch_wait_ms is not None:
         command += ["--batch-wait-ms", str(args.batch_wait_ms)]
     if args.max_batch_rows is not None:
@@ -288,7 +298,9 @@ def stop_server_process(process: subprocess.Popen) -> None:
 
 
 # -- the load generator ----------------------------------------------------------------------
-async def load_levels(target: str, args: argparse.Namespace, server: subprocess.Popen) -> list[dict[str, Any]]:
+async def load_levels(target: str, args: argparse.Namespace,
+                      server: subprocess.Popen) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Each concurrency level, then the burst (None without one)."""
     import grpc
 
     from atelier.server.wire import pb, pb_grpc
@@ -298,7 +310,35 @@ async def load_levels(target: str, args: argparse.Namespace, server: subprocess.
         await asyncio.wait_for(channel.channel_ready(), timeout=60)
         stub = pb_grpc.AtelierStub(channel)
         requests = Requests(await stub.GetSchema(pb.GetSchemaRequest(), timeout=60), request_settings(args))
-        return [await load_level(stub, requests, pb, c, args, server) for c in args.concurrency]
+        levels = [await load_level(stub, requests, pb, c, args, server) for c in args.concurrency]
+        burst = await load_burst(stub, requests, pb, args) if args.burst else None
+        return levels, burst
+
+
+async def load_burst(stub, requests: Requests, pb, args: argparse.Namespace) -> dict[str, Any]:
+    """`args.burst` calls sent at once, each with the `--timeout` deadline; what came back."""
+    import grpc
+
+    loop = asyncio.get_running_loop()
+    rng = random.Random(args.seed * 1000 + 777)
+
+    async def one(request) -> tuple[str, float]:
+        began = loop.time()
+        try:
+            await stub.GenerateAndRetrieve(request, timeout=args.timeout)
+            code = "OK"
+        except grpc.aio.AioRpcError as error:
+            code = error.code().name
+        return code, (loop.time() - began) * 1000
+
+    began = loop.time()
+    outcomes = await asyncio.gather(*(one(requests.make(rng, pb)[0]) for _ in range(args.burst)))
+    wall = loop.time() - began
+    codes = Counter(code for code, _ in outcomes)
+    return {"calls": args.burst, "timeout": args.timeout, "ok": codes.get("OK", 0), "wall_seconds": round(wall, 3),
+            "errors_by_code": {c: n for c, n in sorted(codes.items()) if c != "OK"},
+            "latency_ms": summary([ms for code, ms in outcomes if code == "OK"]),
+            "refused_latency_ms": summary([ms for code, ms in outcomes if code == "RESOURCE_EXHAUSTED"])}
 
 
 async def load_level(stub, requests: Requests, pb, concurrency: int, args: argparse.Namespace,
@@ -376,13 +416,16 @@ def serve_and_load(args: argparse.Namespace, index: Path, config: str) -> dict[s
     print(f"serving: {config} server pid {server['pid']} on port {server['port']}; in process "
           f"p50 {server['in_process']['latency_ms']['p50']} ms", file=sys.stderr)
     try:
-        levels = asyncio.run(load_levels(f"127.0.0.1:{server['port']}", args, process))
+        levels, burst = asyncio.run(load_levels(f"127.0.0.1:{server['port']}", args, process))
     finally:
         stop_server_process(process)
     for level in levels:
         print(f"serving: {config} c={level['concurrency']}: {level['ok']} OK, {level['qps']} QPS, "
               f"p50 {level['latency_ms']['p50']} ms, errors {level['errors_by_code'] or 0}", file=sys.stderr)
-    return {"server": server, "levels": levels}
+    if burst is not None:
+        print(f"serving: {config} burst of {burst['calls']}: {burst['ok']} OK in {burst['wall_seconds']} s, "
+              f"errors {burst['errors_by_code'] or 0}", file=sys.stderr)
+    return {"server": server, "levels": levels, "burst": burst}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -395,6 +438,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     configs = [BATCHED] + ([UNBATCHED] if not args.no_unbatched else [])
     runs = {config: serve_and_load(args, index, config) for config in configs}
     tables = [in_process_table(args, runs, run_notes(args, index, runs)), served_table(args, runs)]
+    if args.burst:
+        tables.append(burst_table(args, runs))
     return {"benchmark": "serving", "command": command_line(), "machine": host,
             "seconds": round(time.perf_counter() - began, 1), "tables": tables, "goals": serving_goals(runs[BATCHED]),
             "settings": {"index": str(index), "model": str(args.model), "model_name": args.model_name,
@@ -402,7 +447,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "concurrency": args.concurrency, "num_samples": args.num_samples, "top_k": args.top_k,
                          "timeout": args.timeout, "batch_wait_ms": args.batch_wait_ms,
                          "max_batch_rows": args.max_batch_rows, "batch_chunk_rows": args.batch_chunk_rows,
-                         "quick": args.quick},
+                         "max_running": args.max_running, "burst": args.burst, "quick": args.quick},
             "runs": runs, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -424,9 +469,10 @@ def run_notes(args: argparse.Namespace, index: Path, runs: dict[str, dict[str, A
     notes = [f"Index {index} ({server['index_products']:,} products), model {args.model_name} "
              f"({args.model}), num_samples {args.num_samples}, top_k {args.top_k}, random valid attributes and seeds, "
              "no images returned.",
-             f"Server: torch threads {args.threads}, max_queue_per_model "
-             f"{server['limits']['max_queue_per_model']}, max_running_per_model "
-             f"{server['limits'].get('max_running_per_model')}, "
+             f"Server: atelier serve's defaults{'' if args.max_running is None else ' but --max-running'}: torch "
+             f"threads {args.threads}, max_queue_per_model {server['limits']['max_queue_per_model']} (the hard cap; "
+             f"below it admission by expected wait against each call's deadline, {args.timeout:g} s here), "
+             f"max_running_per_model {server['limits'].get('max_running_per_model')}, "
              f"{server['workers']} gRPC workers; client and server share this machine's "
              f"{os.cpu_count()} CPUs."]
     notes.append(f"batched: BatchPolicy {server['batching']}"
@@ -474,6 +520,22 @@ def served_table(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> d
                  rows,
                  [f"{config} c={level['concurrency']}: errors by code {level['errors_by_code']}"
                   for config, r in runs.items() for level in r["levels"] if level["errors_by_code"]])
+
+
+def burst_table(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    rows = []
+    for config, r in runs.items():
+        burst = r.get("burst")
+        if burst:
+            lat, refused = burst["latency_ms"], burst["refused_latency_ms"]
+            rows.append([config, burst["calls"], burst["ok"], sum(burst["errors_by_code"].values()), lat["p50"],
+                         lat["p99"], lat["max"], refused["max"], burst["wall_seconds"]])
+    return table(f"Burst: {args.burst} calls sent at once, each with a {args.timeout:g} s deadline, on the server's "
+                 "defaults",
+                 ["config", "calls", "OK", "errors", "OK p50 ms", "OK p99 ms", "OK max ms", "refused max ms", "wall s"],
+                 rows,
+                 [f"{config} burst: errors by code {r['burst']['errors_by_code']}"
+                  for config, r in runs.items() if r.get("burst") and r["burst"]["errors_by_code"]])
 
 
 def serving_goals(main_run: dict[str, Any]) -> list[dict[str, Any]]:

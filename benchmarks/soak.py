@@ -12,7 +12,7 @@ model, no attributes, top_k or num_samples over the limit) and must come back IN
 
 Reported (printed and written as JSON): requests, OK count, error counts by status code,
 unexpected outcomes (a valid request not OK, an invalid one not INVALID_ARGUMENT; RESOURCE_EXHAUSTED
-is counted apart when --max-queue lets the server shed load), latency p50/p95/p99 and QPS of the
+is counted apart when --max-queue lowers the server's hard cap to shed load), latency p50/p95/p99 and QPS of the
 OK calls after the warm-up, the server's RSS at start, after the warm-up and at the end (plus a
 sample every --rss-every seconds), the machine, and the exact command.
 
@@ -74,8 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where the built index and the server log go (default runs/soak)")
     p.add_argument("--server-threads", type=int, help="torch threads of the server process (default: torch's own)")
     p.add_argument("--max-queue", type=int,
-                   help="server admission bound per model (max_queue_per_model); default: --concurrency, so no "
-                        "request is shed; lower it to see RESOURCE_EXHAUSTED under overload")
+                   help="server admission cap per model (max_queue_per_model); default: the server's own (atelier "
+                        "serve's defaults, under which a call waits while its expected wait fits its --timeout); "
+                        "below --concurrency it sheds load: RESOURCE_EXHAUSTED, counted apart")
     p.add_argument("--target", help="soak an already running server at HOST:PORT instead of starting one")
     p.add_argument("--server-pid", type=int, help="with --target: that server's pid, to read its RSS (Linux /proc)")
     p.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples (default 5)")
@@ -91,11 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -- the server process ----------------------------------------------------------------------
 def make_limits(args: argparse.Namespace):
+    """atelier serve's defaults, but --max-queue when given."""
     from atelier.retrieval.service import Limits
 
-    known = {f.name for f in dataclasses.fields(Limits)}
-    wanted = {"max_queue_per_model": max(args.max_queue or args.concurrency, 1)}
-    return Limits(**{k: v for k, v in wanted.items() if k in known})
+    return Limits(**({"max_queue_per_model": max(args.max_queue, 1)} if args.max_queue else {}))
 
 
 def serve_child(args: argparse.Namespace) -> None:

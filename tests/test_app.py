@@ -6,21 +6,28 @@ blocks until the test releases it, and "at once" means "while the earlier reques
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import subprocess
 import sys
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from atelier import artifacts
 from atelier.catalog.fashion_mnist import CLASS_NAMES
+from atelier.catalog.images import encode_png
 from atelier.indexer.index_directory import INDEX_FILE, IndexDirectory
+from atelier.retrieval import batching
 from atelier.retrieval.service import (
+    Admission,
     DeadlineExceeded,
     IndexRefused,
     InvalidRequest,
@@ -33,7 +40,7 @@ from atelier.retrieval.service import (
 from atelier.server.app import start_server
 from atelier.server.client import AtelierClient
 from atelier.server.servicer import AtelierServicer
-from atelier.server.wire import pb
+from atelier.server.wire import pb, pb_grpc
 
 WAIT = 60  # seconds: only an upper bound on waiting for an event, never a measured duration
 
@@ -178,6 +185,8 @@ def test_limits_must_be_positive_and_defaults_within_them():
         Limits(max_queue_per_model=0)
     with pytest.raises(ValueError, match="exceed the maxima"):
         Limits(max_top_k=5)
+    with pytest.raises(ValueError, match="default_deadline_seconds must be positive, got 0"):
+        Limits(default_deadline_seconds=0)
 
 
 def test_message_size_limits_are_grpc_limits_and_named(service):
@@ -192,7 +201,9 @@ def test_message_size_limits_are_grpc_limits_and_named(service):
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "2048" in error.value.details()
             assert len(client.generate_and_retrieve(BAG, num_samples=1, top_k=2).products) == 2
             limits = client.get_schema().limits
-            assert (limits.max_request_bytes, limits.max_response_bytes, limits.max_queue_per_model) == (4096, 2048, 8)
+            assert (limits.max_request_bytes, limits.max_response_bytes, limits.max_queue_per_model,
+                    limits.default_deadline_seconds) == (4096, 2048, Limits.max_queue_per_model,
+                                                         Limits.default_deadline_seconds)
     finally:
         running.stop(grace=1)
 
@@ -329,6 +340,128 @@ def test_admission_in_process_counts_and_releases(service):
             svc.generate_and_retrieve(RetrievalRequest(BAG, num_samples=1))
     assert svc.admission.admitted("cgan") == 0
     assert len(svc.generate_and_retrieve(RetrievalRequest(BAG, num_samples=1, top_k=1)).products) == 1
+
+
+class KnownBatcher:
+    """A model's batcher as admission sees it, with a batch time per row the test sets."""
+
+    def __init__(self, seconds_per_row: float | None, max_workers: int):
+        self.seconds_per_row, self.max_workers = seconds_per_row, max_workers
+
+
+def test_admission_waits_while_the_expected_wait_fits_the_deadline_and_refuses_beyond():
+    batcher = KnownBatcher(None, max_workers=2)
+    admission = Admission(Limits(default_deadline_seconds=0.7), {"m": batcher})
+    with contextlib.ExitStack() as held:
+        for _ in range(3):  # before any measurement, every request is admitted
+            held.enter_context(admission.slot("m", rows=10, deadline=0.01))
+        assert (admission.admitted("m"), admission.rows("m"), admission.expected_wait("m")) == (3, 30, None)
+    batcher.seconds_per_row = 0.1  # 10 rows ahead, 2 workers: 10 x 0.1 / 2 = 0.5 s
+    with admission.slot("m", rows=10, deadline=0.01):
+        assert admission.expected_wait("m") == pytest.approx(0.5)
+        with pytest.raises(Overloaded) as refused:
+            with admission.slot("m", rows=10, deadline=0.4):
+                pass
+        message = str(refused.value)
+        for fragment in ("model 'm'", "expected wait 0.50 s (10 rows ahead x 100.0 ms per row / 2 batch workers)",
+                         "exceeds the deadline of 0.40 s (the caller's)", "1 requests running or waiting",
+                         "max_queue_per_model = 256"):
+            assert fragment in message, (fragment, message)
+        with admission.slot("m", rows=10, deadline=0.6):  # 0.5 s fits 0.6 s: it waits its turn
+            assert admission.admitted("m") == 2
+            with pytest.raises(Overloaded, match=r"expected wait 1\.00 s .* deadline of 0\.70 s \(none given: the "
+                                                 r"server's default_deadline_seconds\)"):
+                with admission.slot("m", rows=1):  # no deadline of its own: the server's default
+                    pass
+    assert (admission.admitted("m"), admission.rows("m"), admission.peak("m")) == (0, 0, 3)
+
+
+def test_the_hard_cap_refuses_at_once_whatever_the_estimate_and_the_queue_never_exceeds_it(service):
+    held = HeldGenerator(service.models["cgan"].generator)
+    svc = make_service(service, generator=held, max_queue_per_model=3, max_running_per_model=1)
+    running = start_server(svc)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.AtelierStub(channel)
+            request = pb.GenerateAndRetrieveRequest(attributes={"category": pb.AttributeValues(values=["Bag"])},
+                                                    num_samples=1, top_k=2)
+            calls = [stub.GenerateAndRetrieve.future(request, timeout=WAIT) for _ in range(10)]
+            # 7 refused while the 3 admitted are still held: the refusals came back first
+            wait_until(lambda: sum(c.done() for c in calls) == 7, "the refusals")
+            refused = [c for c in calls if c.done()]
+            assert all(c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for c in refused)
+            assert all("(max_queue_per_model = 3)" in c.details() for c in refused)
+            assert svc.admission.admitted("cgan") == 3
+            held.release.set()
+            assert sum(len(c.result().products) == 2 for c in calls if c not in refused) == 3
+        assert svc.admission.peak("cgan") == 3 and svc.admission.admitted("cgan") == 0
+    finally:
+        held.release.set()
+        running.stop(grace=1)
+
+
+def test_a_burst_of_64_on_the_default_settings_is_answered(server):
+    """The default admission lets a burst wait for its turn instead of failing it."""
+    assert server.service.limits.max_queue_per_model == Limits.max_queue_per_model  # the defaults
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.AtelierStub(channel)
+        for seed in range(3):  # a few lone requests first: the batch time is measured
+            stub.GenerateAndRetrieve(pb.GenerateAndRetrieveRequest(
+                attributes={"category": pb.AttributeValues(values=["Bag"])}, seed=seed), timeout=WAIT)
+        calls = [stub.GenerateAndRetrieve.future(pb.GenerateAndRetrieveRequest(
+                     attributes={"category": pb.AttributeValues(values=[CLASS_NAMES[i % 10]])}, seed=i), timeout=5)
+                 for i in range(64)]
+        codes = [c.code() for c in calls]
+    ok = codes.count(grpc.StatusCode.OK)
+    assert ok >= 0.95 * 64, Counter(c.name for c in codes)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def test_a_burst_that_cannot_fit_its_deadline_is_refused_at_once_and_the_rest_answered(service, monkeypatch):
+    """The model's forward slowed deliberately: 1 s per batch, whatever its rows; while `gate` is
+    clear it also waits for the test, so nothing admitted can finish until the test says so."""
+    real_generate, gate = batching.generate, threading.Event()
+    gate.set()
+
+    def slowed(*args, **kwargs):
+        time.sleep(1.0)
+        assert gate.wait(WAIT), "the test never opened the gate"
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(batching, "generate", slowed)
+    svc = make_service(service, max_running_per_model=1)
+    running = start_server(svc)
+    bag = {"category": pb.AttributeValues(values=["Bag"])}
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.AtelierStub(channel)
+            stub.GenerateAndRetrieve(pb.GenerateAndRetrieveRequest(attributes=bag, num_samples=1), timeout=WAIT)
+            # measured: a batch of one row ran one 8-row chunk, so at least 1 s / 8 per row
+            assert svc.batchers["cgan"].seconds_per_row >= 1.0 / 8
+            gate.clear()
+            calls = [stub.GenerateAndRetrieve.future(pb.GenerateAndRetrieveRequest(attributes=bag, num_samples=1, seed=i),
+                                                     timeout=4) for i in range(48)]
+            # one worker, deadline 4 s: at most 33 fit (0..32 rows ahead at 1/8 s), the rest cannot
+            wait_until(lambda: sum(c.done() for c in calls) + svc.admission.admitted("cgan") == len(calls),
+                       "every call admitted or refused")
+            refused = [c for c in calls if c.done()]  # nothing admitted can have finished: the gate is shut
+            assert len(refused) >= 15 and all(c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for c in refused)
+            for fragment in ("expected wait", "ms per row / 1 batch workers) exceeds the deadline of",
+                             "(the caller's)", "max_queue_per_model = 256"):
+                assert fragment in refused[-1].details(), (fragment, refused[-1].details())
+            # RetrieveSimilar (an image as the query) waits in the same queue, and is refused the same way
+            image = encode_png(np.zeros((28, 28, 1), np.uint8))
+            with pytest.raises(grpc.RpcError) as similar:
+                stub.RetrieveSimilar(pb.RetrieveSimilarRequest(image=image, top_k=2), timeout=3)
+            assert similar.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "expected wait" in similar.value.details()
+            admitted = [c for c in calls if c not in refused]
+            assert admitted and not any(c.done() for c in admitted)  # all still waiting behind the gate
+            gate.set()
+            assert all(len(c.result().products) == 10 for c in admitted)  # answered in time: the next batch takes all
+        assert svc.admission.admitted("cgan") == 0
+    finally:
+        gate.set()
+        running.stop(grace=1)
 
 
 # --- health ------------------------------------------------------------------------------------
@@ -559,5 +692,5 @@ def test_serve_help_lists_the_reliability_flags():
     out = subprocess.run([sys.executable, "-m", "atelier.cli", "serve", "--help"], capture_output=True, text=True,
                          timeout=WAIT).stdout
     for flag in ("--max-queue", "--max-running", "--max-candidates", "--max-request-bytes", "--max-response-bytes",
-                 "--watch-index", "--grace", "--drain"):
+                 "--watch-index", "--grace", "--drain", "--default-deadline", "--metrics", "--log-format"):
         assert flag in out

@@ -44,6 +44,22 @@ def test_reindex_benchmark_quick(tmp_path, fpi_parquet):
     assert not (out / "tmp" / "reindex").exists()  # the catalogue copy and the index are removed
 
 
+def test_reindex_ray_benchmark_quick(tmp_path, fpi_parquet):
+    from benchmarks import reindex_ray
+
+    out = tmp_path / "bench"
+    assert reindex_ray.main(["--quick", "--threads", "1", "--workers", "2", "--out", str(out),
+                             "--data", str(fpi_parquet.parent)]) == 0
+    report = json.loads((out / "reindex_ray.json").read_text())
+    _check_report(report, out, "reindex_ray", ["Reindex on Ray", "Ray workers"], goals=0)
+    assert [r["workers"] for r in report["runs"]] == [None, 2]
+    for r in report["runs"]:
+        assert r["images"] == reindex_ray.QUICK["limit"] and r["images_per_second"] > 0
+        assert r["embedding_images_per_second"] > 0 and r["build"]["distributor"] == ("ray" if r["workers"] else "local")
+    assert len(report["tables"][1]["rows"]) == 2  # one row per worker of the Ray run
+    assert not (out / "tmp" / "reindex_ray").exists()
+
+
 def test_training_benchmark_quick(tmp_path, fpi_parquet, idx_dir):
     from benchmarks import training
 

@@ -20,7 +20,7 @@ def test_serving_benchmark_quick_run(tmp_path, small_index, tiny_model, capsys):
     from benchmarks.serving import main
 
     argv = ["--quick", "--out", str(tmp_path), "--index", str(small_index), "--model", str(tiny_model),
-            "--seconds", "1", "--warmup-seconds", "0.3", "--concurrency", "1,3", "--threads", "1"]
+            "--seconds", "1", "--warmup-seconds", "0.3", "--concurrency", "1,3", "--threads", "1", "--burst", "16"]
     assert main(argv) == 0
     assert "### serving" in capsys.readouterr().out
 
@@ -28,10 +28,14 @@ def test_serving_benchmark_quick_run(tmp_path, small_index, tiny_model, capsys):
     assert json_path.is_file() and md_path.is_file()
     report = json.loads(json_path.read_text())
     assert report["benchmark"] == "serving" and report["command"] and report["machine"]["cpus"] >= 1
-    assert report["seconds"] > 0 and len(report["tables"]) == 2
+    assert report["seconds"] > 0 and len(report["tables"]) == 3  # in process, served, the burst
     assert "### serving" in md_path.read_text()
 
     for config, served in report["runs"].items():
+        # the server's own defaults, nothing raised to keep requests from being shed
+        assert served["server"]["limits"]["max_queue_per_model"] == 256, config
+        burst = served["burst"]
+        assert burst["calls"] == 16 and burst["ok"] + sum(burst["errors_by_code"].values()) == 16, (config, burst)
         in_process = served["server"]["in_process"]
         lat = in_process["latency_ms"]
         assert lat["calls"] > 0 and 0 < lat["p50"] <= lat["p95"] <= lat["p99"], (config, in_process)

@@ -205,3 +205,57 @@ def test_eval_asks_only_the_given_groups_and_refuses_what_cannot_take_them(stack
     with pytest.raises(ValueError, match=r"--groups \['shade'\] are not single-label groups of the models; they have type, colour"):
         compare_models(stack / "index", stack / "apparel", {"plain": stack / "plain"}, stack / "judge",
                        replace(SMALL, groups=("shade",)))
+
+
+def test_eval_writes_the_reports_figures_as_tensorboard_scalars_a_run_each(stack, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from atelier.evaluation.events import figures, write_events
+    from atelier.evaluation.retrieval_quality import RANDOM
+
+    out = tmp_path / "report"
+    args = ["eval", "--index", str(stack / "index"), "--catalogue", str(stack / "apparel"), "--judge",
+            str(stack / "judge"), "--model", f"tiny={stack / 'mcgan'}", "--samples", "2", "--min-products", "4",
+            "--is-images", "20", "--is-splits", "2", "--fid-images", "0", "--retrieval-samples", "2",
+            "--retrieval-repeats", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    folder = out / "tensorboard"
+    assert {p.name for p in folder.iterdir()} == {"tiny", REAL, *BASELINES}
+
+    def scalars(run: str) -> dict[str, list[tuple[int, float]]]:
+        accumulator = EventAccumulator(str(folder / run))
+        accumulator.Reload()
+        return {t: [(e.step, e.value) for e in accumulator.Scalars(t)] for t in accumulator.Tags()["scalars"]}
+
+    def f32(value: float) -> list[tuple[int, float]]:
+        return [(0, float(np.float32(value)))]  # one point at step 0, stored as float32
+
+    tiny, real, result = scalars("tiny"), scalars(REAL), report["results"]["tiny"]
+    methods, by_split = report["retrieval"]["methods"], report["retrieval_by_split"]
+    for group in ("type", "colour", "all"):
+        assert tiny[f"accuracy/{group}"] == f32(result["accuracy"][group])
+        assert tiny[f"accuracy_held_out/{group}"] == f32(result["accuracy_held_out"][group])
+        assert real[f"accuracy/{group}"] == f32(report["results"][REAL]["accuracy"][group])
+        for k in ("1", "5", "10"):
+            assert tiny[f"precision_at_{k}/{group}"] == f32(methods["tiny"][group][k])
+            assert tiny[f"precision_at_{k}_seen/{group}"] == f32(by_split["seen"]["tiny"][group][k])
+    assert tiny["inception_score/type"] == f32(result["inception_score"]["type"]["mean"])
+    assert tiny["fid/judge"] == f32(result["fid_judge"]) and tiny["diversity"] == f32(result["diversity"])
+    assert tiny["training/images_seen"] == f32(result["images_seen"])
+    assert real["fid/judge"] == f32(report["results"][REAL]["fid_judge"])  # the train split's floor
+    assert real["diversity"] == f32(report["results"][REAL]["diversity"])
+    assert "fid/inception" not in tiny  # --fid-images 0: no Inception network, no figure
+    random = scalars(RANDOM)  # a baseline: its precision only
+    assert random["precision_at_5/type"] == f32(methods[RANDOM]["type"]["5"])
+    assert all(tag.startswith("precision_at_") for tag in random)
+    # every run holds exactly figures(report), nothing else
+    for run, expected in figures(report).items():
+        assert scalars(run) == {tag: f32(value) for tag, value in expected.items()}, run
+    # written whole: a rerun replaces the previous events instead of adding to them
+    fewer = {**report, "results": {REAL: report["results"][REAL]}, "retrieval": None, "retrieval_by_split": None}
+    write_events(fewer, folder)
+    assert [p.name for p in folder.iterdir()] == [REAL]
+    assert len(list((folder / REAL).glob("events.out.tfevents.*"))) == 1
+    assert main([*args, "--out", str(tmp_path / "without"), "--no-tensorboard"]) == 0
+    assert not (tmp_path / "without" / "tensorboard").exists() and (tmp_path / "without" / "report.json").is_file()

@@ -169,6 +169,26 @@ def test_mutual_tls_accepts_only_clients_signed_by_the_client_ca(mtls_server, pk
         assert _code(plaintext.get_schema).code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_the_metrics_port_speaks_tls_with_the_grpc_ports_certificate_and_client_ca(service, pki):
+    import ssl
+    import urllib.request
+
+    running = start_server(service, "127.0.0.1:0", max_workers=2, metrics_address="127.0.0.1:0",
+                           security=SecurityConfig(pki["server_cert"], pki["server_key"], client_ca=pki["ca"]))
+    try:
+        url = f"https://127.0.0.1:{running.metrics_port}/metrics"
+        trusting = ssl.create_default_context(cafile=pki["ca"])
+        trusting.load_cert_chain(pki["client_cert"], pki["client_key"])
+        with urllib.request.urlopen(url, context=trusting, timeout=30) as response:
+            assert response.status == 200 and b"atelier_requests_total" in response.read()
+        with pytest.raises(OSError):  # no client certificate: refused, as on the gRPC port
+            urllib.request.urlopen(url, context=ssl.create_default_context(cafile=pki["ca"]), timeout=30).read()
+        with pytest.raises(OSError):  # plaintext
+            urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=30).read()
+    finally:
+        running.stop(grace=1)
+
+
 def test_bad_certificate_settings_are_refused_before_listening(service, pki, tmp_path):
     with pytest.raises(SecurityConfigError, match="both a certificate"):
         SecurityConfig(tls_cert=pki["server_cert"])

@@ -166,7 +166,8 @@ def test_oversized_and_concurrent_requests(channel):
         assert call(channel, request_of({"category": ["x" * n]})) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert raw_call(channel, "GenerateAndRetrieve", b"\x00" * (2 * LIMITS.max_request_bytes)) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
-    # Many at once: beyond the queue bound some are refused (RESOURCE_EXHAUSTED), none fail otherwise.
+    # Many at once: they wait their turn, or are refused (RESOURCE_EXHAUSTED) where their deadline cannot be met;
+    # none fail otherwise.
     failures: list[str] = []
 
     def burst(i: int) -> None:

@@ -226,11 +226,17 @@ def test_cli_serve_with_http(small_index, tiny_model):
         assert "listening on 127.0.0.1:" in server.stdout.readline()
         line = server.stdout.readline()
         assert f"HTTP/JSON on http://127.0.0.1:{port}/" in line, server.stderr.read() if server.poll() else line
-        status, schema, _ = call(f"http://127.0.0.1:{port}/v1/schema")
-        assert status == 200 and schema["models"][0]["name"] == "tiny"
+        status, schema, headers = call(f"http://127.0.0.1:{port}/v1/schema", headers={"X-Request-Id": "cli-1"})
+        assert status == 200 and schema["models"][0]["name"] == "tiny" and headers["X-Request-Id"] == "cli-1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as response:
+            assert 'atelier_requests_total{code="OK",face="http",method="GetSchema"} 1.0' in response.read().decode()
     finally:
         server.terminate()
         assert server.wait(timeout=30) == 0
+    # --log-format json, the default: every log line is a JSON object; the call is one of them
+    lines = [json.loads(line) for line in server.stderr.read().splitlines() if line.strip()]
+    calls = [line for line in lines if line["logger"] == "atelier.requests"]
+    assert [(c["request_id"], c["method"], c["code"], c["face"]) for c in calls] == [("cli-1", "GetSchema", "OK", "http")]
 
 
 # --- the page, in a browser ---------------------------------------------------------------------

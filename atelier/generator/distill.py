@@ -19,6 +19,8 @@ drawings are computed once, a chunk at a time, each chunk saved as it finishes u
 
 The student is a checkpoint of the flow family (sample_steps 1, euler, guidance 1): it is
 served, evaluated and sampled like any flow; its manifest says which teacher it came from.
+It is trained by `atelier train`'s loop (`train.run_epochs`), so it writes the same sample grids
+and TensorBoard event files (`<out>.tensorboard/`, `events.py`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class DistillConfig:
     resume: bool = False
     progress: bool = True
     command: str | None = None
+    tensorboard: bool = True  # event files in `<out>.tensorboard/`, as `atelier train` writes them
+    log_every: int = 10
 
 
 class DistillTrainer(FlowTrainer):
@@ -169,7 +173,11 @@ def distill(cfg: DistillConfig) -> Path:
     run = _student(cfg, teacher, teacher_manifest)
     train_cfg = TrainConfig(catalogue=cfg.catalogue, out=cfg.out, model="flow", epochs=cfg.epochs,
                             batch_size=cfg.batch_size, max_seconds=cfg.max_seconds, max_steps=cfg.max_steps,
-                            seed=cfg.seed, progress=cfg.progress, command=cfg.command)
+                            seed=cfg.seed, progress=cfg.progress, command=cfg.command,
+                            tensorboard=cfg.tensorboard, log_every=cfg.log_every)
     publisher = Publisher(train_cfg, catalogue, run, attrs, rows=len(drawing))
-    run_epochs(train_cfg, run, torch.cat([drawing, noise], dim=1), condition, publisher)
+    try:
+        run_epochs(train_cfg, run, torch.cat([drawing, noise], dim=1), condition, publisher)
+    finally:
+        publisher.close()
     return artifacts.resolve(cfg.out)

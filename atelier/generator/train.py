@@ -3,7 +3,9 @@
 The loop knows nothing about a family's losses: `Family.Trainer(model).step(images, condition)`
 does one optimisation step and returns its losses. Each epoch writes a sample grid (one column
 per value of the first attribute group, same z every epoch so grids compare) and publishes a
-checkpoint atomically, so a killed run leaves the last epoch's checkpoint intact.
+checkpoint atomically, so a killed run leaves the last epoch's checkpoint intact. TensorBoard
+event files (losses, images/s, learning rate, the grid each epoch) go to `<out>.tensorboard/`
+(`events.py`), beside the checkpoint, never into it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from atelier.catalog.images import encode_png, image_grid, to_square
 from atelier.catalog.schema import AttributeSchema
 from atelier.generator.base import ConditionalGenerator, Trainer, family, sample_seeds
 from atelier.generator.checkpoint import load_extra, load_generator, save_checkpoint
+from atelier.generator.events import TrainingEvents
 from atelier.progress import progress_bar
 
 GRID_COLUMNS_MAX = 12
@@ -57,6 +60,8 @@ class TrainConfig:
     hold_out_groups: tuple[str, ...] = ()
     hold_out_fraction: float = 0.1
     hold_out_min_rows: int = 40
+    tensorboard: bool = True  # event files in `<out>.tensorboard/` (global step: images seen)
+    log_every: int = 10  # optimisation steps per logged point (their mean losses and images/s)
 
 
 def prepare_data(catalogue: Catalogue, split: str | None, limit: int | None, image_size: int | None):
@@ -180,7 +185,10 @@ def train(cfg: TrainConfig) -> Path:
     if len(images) < first_batch:
         raise ValueError(f"{len(images)} training images is fewer than one batch of {first_batch}")
     publisher = Publisher(cfg, catalogue, run, attrs, rows=len(images))
-    run_epochs(cfg, run, images.to(device), conditions.to(device), publisher)
+    try:
+        run_epochs(cfg, run, images.to(device), conditions.to(device), publisher)
+    finally:
+        publisher.close()
     return artifacts.resolve(cfg.out)
 
 
@@ -235,21 +243,38 @@ def start_run(cfg: TrainConfig, catalogue: Catalogue, device: torch.device, held
 
 
 class Publisher:
-    """Publishes the run's checkpoint (atomically) with its sample grid and training record."""
+    """Publishes the run's checkpoint (atomically) with its sample grid and training record, and
+    keeps its TensorBoard events (when `cfg.tensorboard`); `close()` it when the run ends."""
 
     def __init__(self, cfg: TrainConfig, catalogue: Catalogue, run: Run, attrs: list[dict[str, Any]], rows: int):
         self.cfg, self.catalogue, self.run, self.rows = cfg, catalogue, run, rows
         self.grid_conditions, self.grid_columns = grid_conditions(catalogue.schema, attrs)
         self.grids = Path(f"{cfg.out}.samples")
         self.grids.mkdir(parents=True, exist_ok=True)
+        self.events = (TrainingEvents(Path(f"{cfg.out}.tensorboard"), run.trainer, run.images_seen, cfg.log_every)
+                       if cfg.tensorboard else None)
         self.started = time.perf_counter()
+
+    def begin_epoch(self) -> None:
+        if self.events:
+            self.events.begin_epoch()
+
+    def record(self, losses: dict[str, float], images: int) -> None:
+        """One optimisation step's losses (`run.images_seen` already counts its `images`)."""
+        if self.events:
+            self.events.step(self.run.images_seen, losses, images)
+
+    def close(self) -> None:
+        if self.events:
+            self.events.close()
 
     def seconds(self) -> float:
         return self.run.seconds_before + time.perf_counter() - self.started
 
     def publish(self, epochs_done: int, losses: dict[str, float]) -> Path:
         cfg, run = self.cfg, self.run
-        png = encode_png(sample_grid(run.model, self.grid_conditions, cfg.grid_rows, seed=cfg.seed))
+        grid = sample_grid(run.model, self.grid_conditions, cfg.grid_rows, seed=cfg.seed)
+        png = encode_png(grid)
         grid_file = self.grids / f"epoch-{epochs_done:03d}.png"
         partial = grid_file.with_suffix(".png.partial")  # a killed run never leaves half a PNG
         partial.write_bytes(png)
@@ -266,7 +291,11 @@ class Publisher:
             training["init_from"] = run.init_record
         if run.held_out:
             training["held_out"] = run.held_out  # combinations never seen in training (`atelier eval` reads them)
-        return save_checkpoint(run.model, cfg.out, training, extra=run.trainer.extra_state(), files={"samples.png": png})
+        published = save_checkpoint(run.model, cfg.out, training, extra=run.trainer.extra_state(),
+                                    files={"samples.png": png})
+        if self.events:  # after the checkpoint: what the events show at this step is what it holds
+            self.events.epoch(run.images_seen, epochs_done, grid, png)
+        return published
 
 
 def run_epochs(cfg: TrainConfig, run: Run, images: torch.Tensor, conditions: torch.Tensor,
@@ -283,6 +312,7 @@ def run_epochs(cfg: TrainConfig, run: Run, images: torch.Tensor, conditions: tor
         bar = progress_bar(total=len(images), unit="img", desc=f"epoch {epoch + 1}/{last_epoch}",
                            disable=not cfg.progress, leave=False)
         position, stopped, epoch_complete = 0, False, True
+        publisher.begin_epoch()
         while True:
             # progressive models change their batch size with the resolution they are at
             batch = getattr(run.trainer, "batch_size", None) or cfg.batch_size
@@ -293,6 +323,7 @@ def run_epochs(cfg: TrainConfig, run: Run, images: torch.Tensor, conditions: tor
             losses = run.trainer.step(images[idx], conditions[idx])
             run.images_seen += len(idx)
             step += 1
+            publisher.record(losses, len(idx))
             bar.update(len(idx))
             if step % 20 == 0:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)

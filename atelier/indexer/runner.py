@@ -4,8 +4,9 @@ The runner owns the job, in clip-retrieval's shape: `reindex` claims the staging
 chooses the index type and builds the three stages; `run_stages` drives them (the loop);
 `publish_index` has the writer write its files, then publishes them. The stages only do their
 part: the reader reads, the mapper embeds, the writer collects and writes the index files into
-the folder it is given. One process for now; a Spark or Slurm distributor would split the
-catalogue's Parquet files across workers and merge the writers' outputs.
+the folder it is given. `distributor="ray"` runs the reading and embedding on Ray workers over
+shards of the catalogue (atelier.indexer.distributed); the writer, the index build and the
+publish stay here, so both distributors publish the same index the same way.
 
 The index type is chosen once, before any image is embedded (a budget nothing fits fails at
 once, not after the embedding), and handed to the writer, which builds that type.
@@ -26,6 +27,7 @@ import torch
 
 from atelier import artifacts
 from atelier.catalog.catalogue import Catalogue
+from atelier.indexer.distributed import LOCAL, embed_on_ray, settings_for
 from atelier.indexer.embedders import (
     AUTO,
     DEFAULT_EMBEDDER,
@@ -56,6 +58,10 @@ def reindex(
     progress: bool = True,
     index_options: IndexOptions | None = None,
     thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
+    distributor: str = LOCAL,
+    ray_address: str | None = None,
+    workers: int | None = None,
+    shard_rows: int | None = None,
 ) -> Path:
     """Embed every catalogue image and publish the index at `dest`; returns the version folder.
 
@@ -65,10 +71,16 @@ def reindex(
     them once, before any image is embedded, so an impossible budget fails first. Raises
     writer.TooManyFailures when more than `max_failed_fraction` of the images cannot be decoded.
     `thumbnail_size`: px of the products' thumbnails kept in the index (0: none), at most
-    MAX_THUMBNAIL_SIZE."""
+    MAX_THUMBNAIL_SIZE.
+
+    `distributor`: `local` (this process: a decode thread beside the forward, `threads` torch
+    threads) or `ray` (atelier.indexer.distributed: `workers` Ray workers of `threads` torch
+    threads each, default 1, over shards of `shard_rows` rows; a local Ray started and stopped
+    for the job, or the cluster at `ray_address`). Either way the same index, manifest and publish."""
     if not 0.0 <= max_failed_fraction <= 1.0:
         raise ValueError(f"max_failed_fraction must be within [0, 1], got {max_failed_fraction}")
     check_thumbnail_size(thumbnail_size)
+    ray_settings = settings_for(distributor, ray_address, workers, threads, shard_rows, batch_size)
     if threads:
         torch.set_num_threads(threads)
     catalogue = Catalogue.open(catalogue_path, verify=True)
@@ -86,8 +98,11 @@ def reindex(
             {"name": catalogue.name, "fingerprint": catalogue.fingerprint, "rows": len(catalogue)},
             choice, index_options, max_failed_fraction, thumbnail_size,
         )
-        mapper = EmbeddingMapper(embedder, catalogue.image_channels, thumbnail_size=thumbnail_size)
-        build = run_stages(CatalogueReader(catalogue, batch_size), mapper, writer, progress)
+        if ray_settings is not None:
+            build = embed_on_ray(catalogue, embedder, writer, ray_settings, batch_size, thumbnail_size, progress)
+        else:
+            mapper = EmbeddingMapper(embedder, catalogue.image_channels, thumbnail_size=thumbnail_size)
+            build = {"distributor": LOCAL, **run_stages(CatalogueReader(catalogue, batch_size), mapper, writer, progress)}
         return publish_index(writer, dest, extra={"build": build})
 
 

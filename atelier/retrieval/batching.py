@@ -27,11 +27,18 @@ Deadlines: a request whose deadline passes while it waits is taken out of the qu
 `Expired('queue')`; inside a batch, each request's deadline is checked before the generate,
 embed and search stages, and a request past it is left out of the rest of the batch and gets
 `Expired(stage)`. The service turns either into DeadlineExceeded.
+
+Measured: each computed batch updates `seconds_per_row`, an exponential moving average
+(weight EMA_WEIGHT for the newest) of the batch's duration (generate to search) per row it ran
+(its rows padded to whole chunks, up to max_batch_rows), which admission uses to tell how long a
+request would wait (service.Admission); and each is handed,
+as a `BatchStats`, to the callables in `observers` (the server's metrics), outside any lock.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import time
 import weakref
@@ -46,7 +53,9 @@ from atelier.indexer.embedders import Embedder, fixed_chunks
 from atelier.indexer.index_directory import IndexDirectory
 from atelier.retrieval.stages import EMBED, GENERATE, QUEUE, SEARCH
 
+log = logging.getLogger("atelier.retrieval")
 SEARCH_CHUNK = 16  # queries per FAISS call: under faiss.cvar.distance_compute_blas_threshold
+EMA_WEIGHT = 0.3  # the newest batch's weight in seconds_per_row: a few batches follow a change of load
 
 # Workers are daemon threads so that an idle one never holds the process up. One still inside
 # a batch when the interpreter finalizes aborts the process from torch's C++ thread pool
@@ -113,6 +122,16 @@ class BatchRequest:
     @property
     def rows(self) -> int:
         return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """One computed batch, as observers get it."""
+
+    model: str
+    rows: int  # rows generated (or edited, or given) in the batch
+    requests: int
+    seconds: float  # generate + embed + search
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,6 +208,37 @@ class ModelBatcher:
         _LIVE.add(self)
         self.batches = 0  # counters for benchmarks and logs
         self.batched_requests = 0
+        self._seconds_per_row: float | None = None  # the moving average; None until a batch is measured
+        self.observers: list[Callable[[BatchStats], None]] = []  # called with each computed batch
+
+    @property
+    def seconds_per_row(self) -> float | None:
+        """Recent batches' duration per row (moving average, seconds); None before the first batch."""
+        return self._seconds_per_row
+
+    def queued(self) -> int:
+        """Requests waiting for a batch (not those in one)."""
+        with self._lock:
+            return len(self._queue)
+
+    def _measured(self, rows: int, requests: int, seconds: float, chunk: int) -> None:
+        """Update seconds_per_row with a batch of `rows` rows that took `seconds`, and tell the observers.
+
+        Per row of what the batch cost: the networks ran its rows padded to whole chunks, so a
+        lone request of 4 rows costs what 8 would (and, batched, 8 queued rows cost that too);
+        capped at max_batch_rows, for a batch can never hold more (when batches hold one request, a
+        request's own rows are what it costs)."""
+        capacity = max(rows, min(-(-rows // chunk) * chunk, self.policy.max_batch_rows))
+        with self._lock:
+            per_row = seconds / max(capacity, 1)
+            previous = self._seconds_per_row
+            self._seconds_per_row = per_row if previous is None else EMA_WEIGHT * per_row + (1 - EMA_WEIGHT) * previous
+        stats = BatchStats(self.name, rows, requests, seconds)
+        for observe in list(self.observers):
+            try:
+                observe(stats)
+            except Exception:  # an observer (metrics) never fails a batch
+                log.exception("batch observer failed for model %r", self.name)
 
     def run(self, request: BatchRequest, timeout: float | None) -> Drawn:
         """Queue `request` and return its rows of the batch it ran in. `timeout` (seconds, None
@@ -307,6 +357,7 @@ class ModelBatcher:
             found = search(same[0].request.index, np.concatenate([vectors[p] for p in same]), k, same[0].request.allowed)
             candidates.update(split(found, same))
         searched = time.perf_counter()
+        self._measured(sum(p.request.rows for p in images), requests, searched - start, chunk)
         for p in live:
             timings = {QUEUE: start - p.queued_at, GENERATE: generated - start, EMBED: embedded - generated,
                        SEARCH: searched - embedded}

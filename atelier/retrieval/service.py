@@ -28,8 +28,11 @@ Reliability (the server's contract, kept here so it is testable without a networ
     limits     every bound is a `Limits` field, and a refusal names the field and its value
     deadline   the caller's remaining time is checked before each stage; once it has passed no
                further stage runs (`DeadlineExceeded`)
-    admission  per model, at most `max_queue_per_model` requests are running or waiting; the
-               next one is refused at once (`Overloaded`) rather than queued without bound
+    admission  per model, a request is admitted when the wait it can expect (the rows admitted
+               ahead of it x the model's measured batch time per row / its batch workers) fits
+               its deadline (the caller's, else `default_deadline_seconds`), and refused at once
+               (`Overloaded`) when it would not; a hard cap of `max_queue_per_model` requests
+               running or waiting keeps the queue bounded whatever the estimate says
     batching   admitted requests for one model are gathered into shared generator + embedder
                batches (atelier.retrieval.batching), computed by `max_running_per_model` worker
                threads; a request returns exactly what it returns alone
@@ -101,19 +104,26 @@ class Limits:
     max_attributes: int = 32  # attribute groups named in one request
     max_values_per_attribute: int = 64
     max_string_length: int = 256  # characters of any model name, group name or value
-    # Admission, per model: CPU-bound generation gains nothing from more parallel runs than
-    # cores, and a queue without bound only turns overload into latency for everybody.
-    max_queue_per_model: int = 8  # requests running or waiting; the next is refused at once
+    # Admission, per model: a request waits when its expected wait fits its deadline, and is
+    # refused at once when it does not; a queue without bound would only turn overload into
+    # latency for everybody, and memory, so the cap stays.
+    max_queue_per_model: int = 256  # hard cap: requests running or waiting; the next is refused at once
     # batches of one model computed at once (its batch worker threads): with 2, one batch's search
     # and merge overlap the next one's forward (QPS at concurrency 32: 51.9 vs 38.6, docs/performance.md)
     max_running_per_model: int = 2
     # gRPC message sizes (the server's receive and send limits; images dominate responses).
     max_request_bytes: int = 1 << 20
     max_response_bytes: int = 64 << 20
+    # The deadline admission assumes for a call that sets none (seconds): such a call is admitted
+    # when its expected wait fits this. It is not cut off then: without a deadline, it runs to the end.
+    default_deadline_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) < 1:
+            if f.name == "default_deadline_seconds":
+                if not self.default_deadline_seconds > 0:
+                    raise ValueError(f"limit default_deadline_seconds must be positive, got {self.default_deadline_seconds}")
+            elif getattr(self, f.name) < 1:
                 raise ValueError(f"limit {f.name} must be at least 1, got {getattr(self, f.name)}")
         if self.default_num_samples > self.max_num_samples or self.default_top_k > self.max_top_k:
             raise ValueError(
@@ -123,7 +133,7 @@ class Limits:
         if self.default_num_samples * self.default_top_k > self.max_candidates:
             raise ValueError(f"default num_samples x top_k exceeds max_candidates {self.max_candidates}")
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
@@ -210,7 +220,7 @@ class RetrievalService:
                          for name, m in models.items()}
         self.index_source = Path(index_source) if index_source is not None else index.path  # what reload re-resolves
         self.clock = clock
-        self.admission = Admission(self.limits)
+        self.admission = Admission(self.limits, self.batchers)
         self._served = ServedIndex(index, check_index(index, models, embedder))
         self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
 
@@ -361,7 +371,7 @@ class RetrievalService:
         deadline.check(VALIDATE)
         valid = self.validate(request, served)
         timings = {VALIDATE: milliseconds_since(started)}
-        with self.admission.slot(valid.model.name):
+        with self.admission.slot(valid.model.name, valid.num_samples, deadline.remaining()):
             deadline.check(GENERATE)
             drawn = self.draw(valid, served, deadline)
             timings.update(drawn.timings_ms)  # queue, generate, embed, search: the batch's
@@ -479,32 +489,86 @@ class Deadline:
 
 
 class Admission:
-    """A bounded queue per model: at most `max_queue_per_model` requests are admitted (running
-    or waiting for their batch); beyond that `Overloaded` at once."""
+    """Per model, admission by expected wait, under a hard cap.
 
-    def __init__(self, limits: Limits):
+    A request of `rows` rows is admitted when the wait it can expect, the rows already admitted
+    for its model (running or waiting) x the model's measured batch time per row
+    (`ModelBatcher.seconds_per_row`) / the model's batch workers, fits within its deadline (the
+    caller's; else `default_deadline_seconds`). Before the model's first batch is measured,
+    every request is admitted. Beyond that, `Overloaded` at once, naming the expected wait, the
+    deadline and the bound; and at `max_queue_per_model` requests admitted, whatever the
+    estimate, `Overloaded` naming the cap, so the queue never grows without bound."""
+
+    def __init__(self, limits: Limits, batchers: Mapping[str, ModelBatcher] | None = None):
         self.max_queue = limits.max_queue_per_model
+        self.default_deadline = limits.default_deadline_seconds
+        self.batchers = batchers or {}
         self._lock = threading.Lock()
         self._admitted: Counter[str] = Counter()
+        self._rows: Counter[str] = Counter()
+        self._peak: Counter[str] = Counter()
 
     def admitted(self, model: str) -> int:
+        """Requests of `model` admitted now (running or waiting)."""
         with self._lock:
             return self._admitted[model]
 
-    @contextlib.contextmanager
-    def slot(self, model: str) -> Iterator[None]:
+    def rows(self, model: str) -> int:
+        """Rows of the requests of `model` admitted now."""
         with self._lock:
-            if self._admitted[model] >= self.max_queue:
-                raise Overloaded(
-                    f"model {model!r} has {self._admitted[model]} requests running or waiting, its queue bound "
-                    f"(max_queue_per_model = {self.max_queue}); retry later"
-                )
+            return self._rows[model]
+
+    def peak(self, model: str) -> int:
+        """The most requests of `model` ever admitted at once."""
+        with self._lock:
+            return self._peak[model]
+
+    def expected_wait(self, model: str) -> float | None:
+        """Seconds a request of `model` arriving now can expect to wait; None before any measurement."""
+        with self._lock:
+            return self._expected_wait(model)
+
+    def _expected_wait(self, model: str) -> float | None:
+        batcher = self.batchers.get(model)
+        per_row = batcher.seconds_per_row if batcher is not None else None
+        return None if per_row is None else self._rows[model] * per_row / batcher.max_workers
+
+    @contextlib.contextmanager
+    def slot(self, model: str, rows: int = 1, deadline: float | None = None) -> Iterator[None]:
+        """Hold a place in `model`'s queue for a request of `rows` rows with `deadline` seconds
+        left (None: it set none), or raise Overloaded at once."""
+        with self._lock:
+            self._admit(model, deadline)
             self._admitted[model] += 1
+            self._rows[model] += rows
+            self._peak[model] = max(self._peak[model], self._admitted[model])
         try:
             yield
         finally:
             with self._lock:
                 self._admitted[model] -= 1
+                self._rows[model] -= rows
+
+    def _admit(self, model: str, deadline: float | None) -> None:
+        """Raise Overloaded when the request cannot be admitted; the lock is held."""
+        count = self._admitted[model]
+        if count >= self.max_queue:
+            raise Overloaded(
+                f"model {model!r} has {count} requests running or waiting, its queue bound "
+                f"(max_queue_per_model = {self.max_queue}); retry later"
+            )
+        wait = self._expected_wait(model)
+        budget, whose = ((deadline, "the caller's") if deadline is not None
+                         else (self.default_deadline, "none given: the server's default_deadline_seconds"))
+        if wait is not None and wait > budget:
+            batcher = self.batchers[model]
+            raise Overloaded(
+                f"model {model!r} is too busy to start this request within its deadline: expected wait "
+                f"{wait:.2f} s ({self._rows[model]} rows ahead x {batcher.seconds_per_row * 1000:.1f} ms per row / "
+                f"{batcher.max_workers} batch workers) exceeds the deadline of {budget:.2f} s ({whose}); "
+                f"{count} requests running or waiting (bound max_queue_per_model = {self.max_queue}); "
+                "retry later or with a longer deadline"
+            )
 
 
 def merge_by_mean_similarity(index: IndexDirectory, queries: np.ndarray, rows: np.ndarray, k: int):

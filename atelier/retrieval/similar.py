@@ -89,7 +89,7 @@ def retrieve_similar(service: RetrievalService, request: SimilarRequest,
         candidates = served.index.search(vectors, k, allowed)[1]
         timings[SEARCH] = milliseconds_since(started)
     else:
-        with service.admission.slot(valid.model.name):
+        with service.admission.slot(valid.model.name, 1, deadline.remaining()):  # one row: the edit or the image
             deadline.check(GENERATE)
             drawn = draw_similar(service, valid, served, deadline, k, allowed)
         timings.update(drawn.timings_ms)

@@ -6,6 +6,9 @@ then lets in-flight calls finish. With `watch_index` it swaps to a newly publish
 (RetrievalService.reload_index) without a restart; ReloadIndex does the same on request. With
 `http_address` the same servicer also answers HTTP/JSON and serves the web page (server/http.py),
 from the same process, under the same limits and security; it stops with the gRPC server.
+Each server has its own `Telemetry` (server/telemetry.py: Prometheus metrics in a registry of
+its own, request ids, the request log), served at /metrics on the HTTP face and, with
+`metrics_address`, on a port of their own.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from atelier.retrieval.batching import BatchPolicy
 from atelier.retrieval.service import IndexRefused, Limits, RetrievalService
-from atelier.server.http import HttpFace
+from atelier.server.http import HttpFace, split_address
 from atelier.server.security import SecurityConfig
 from atelier.server.servicer import AtelierServicer, add_atelier_servicer
+from atelier.server.telemetry import Telemetry
 from atelier.server.wire import pb
 
 log = logging.getLogger("atelier.server")
@@ -40,6 +45,22 @@ def workers_needed(limits: Limits, n_models: int) -> int:
     """Threads for every request the per-model queues admit, plus spares: with fewer, admitted
     requests would wait unseen in gRPC's own unbounded queue, where no bound or deadline applies."""
     return n_models * limits.max_queue_per_model + SPARE_WORKERS
+
+
+def start_metrics_server(address: str, telemetry: Telemetry, security=None):
+    """`--metrics HOST:PORT`: the metrics alone on a port of their own (TLS as the gRPC port's,
+    client certificates too). Returns (server, port); stop with server.shutdown()."""
+    host, port, _ = split_address(address)
+    tls = {}
+    if security is not None and security.tls:
+        tls = {"certfile": str(security.tls_cert), "keyfile": str(security.tls_key)}
+        if security.mutual_tls:
+            tls.update(client_cafile=str(security.client_ca), client_auth_required=True)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=telemetry.registry, **tls)
+    except OSError as error:
+        raise OSError(f"cannot listen for metrics on {address}: {error.strerror or error}") from error
+    return server, server.server_port
 
 
 class IndexWatcher:
@@ -95,7 +116,13 @@ class RunningServer:
     servicer: AtelierServicer
     watch_index: float | None = None  # seconds between looks at the index path; None: no watcher
     http: HttpFace | None = None  # the HTTP/JSON face and web page, when started with http_address
+    metrics_server: Any = None  # the metrics' own HTTP server, when started with metrics_address
+    metrics_port: int | None = None
     watcher: IndexWatcher | None = field(default=None, init=False)
+
+    @property
+    def telemetry(self) -> Telemetry:
+        return self.servicer.telemetry
 
     @property
     def target(self) -> str:
@@ -107,6 +134,7 @@ class RunningServer:
 
     def attach(self, service: RetrievalService) -> None:
         """Serve `service` from now on: calls stop getting UNAVAILABLE, health turns SERVING."""
+        self.telemetry.attach(service)
         self.servicer.service = service
         if self.watch_index is not None:
             self.watcher = IndexWatcher(service, self.watch_index).start()
@@ -135,11 +163,16 @@ class RunningServer:
         if self.http is not None:
             self.http.stop(grace)  # its in-flight calls finish alongside the gRPC ones
         stopped.wait()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+        self.telemetry.detach()
 
 
 def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0", max_workers: int = 8,
                  security: SecurityConfig | None = None, *, limits: Limits | None = None,
-                 watch_index: float | None = None, http_address: str | None = None) -> RunningServer:
+                 watch_index: float | None = None, http_address: str | None = None,
+                 metrics_address: str | None = None) -> RunningServer:
     """Start serving `service` on `address` (port 0 = a free port); returns once listening.
 
     `service` None: listen now, health NOT_SERVING and calls UNAVAILABLE until `RunningServer.load`
@@ -147,6 +180,7 @@ def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0",
     `security`: TLS / mutual TLS and bearer tokens (None: plaintext, no checks).
     `watch_index`: poll the index path this often (seconds) and swap to a new published version.
     `http_address`: also serve HTTP/JSON and the web page there (HOST:PORT; port 0 = a free port).
+    `metrics_address`: also serve the Prometheus metrics alone there (HOST:PORT; port 0 = a free port).
     """
     limits = service.limits if service is not None else (limits or Limits())
     if service is not None:
@@ -157,7 +191,7 @@ def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0",
                ("grpc.max_send_message_length", limits.max_response_bytes)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          interceptors=interceptors, options=options)
-    servicer = AtelierServicer(None)
+    servicer = AtelierServicer(None, Telemetry())
     add_atelier_servicer(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -170,14 +204,18 @@ def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0",
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()
-    http = None
-    if http_address is not None:
-        try:
+    http, metrics = None, (None, None)
+    try:
+        if http_address is not None:
             http = HttpFace(servicer, http_address, limits, security).start()
-        except BaseException:
-            server.stop(0)
-            raise
-    running = RunningServer(server, port, health_servicer, servicer, watch_index, http)
+        if metrics_address is not None:
+            metrics = start_metrics_server(metrics_address, servicer.telemetry, security)
+    except BaseException:
+        server.stop(0)
+        if http is not None:
+            http.stop(0)
+        raise
+    running = RunningServer(server, port, health_servicer, servicer, watch_index, http, *metrics)
     if service is not None:
         running.attach(service)
     return running
@@ -186,16 +224,18 @@ def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0",
 def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: int = 8, limits: Limits | None = None,
           security: SecurityConfig | None = None, *, watch_index: float | None = None, grace: float = 5.0,
           drain: float = 0.0, batching: BatchPolicy | None = None,
-          sampling: Mapping[str, Mapping[str, Any]] | None = None, http_address: str | None = None) -> None:
+          sampling: Mapping[str, Mapping[str, Any]] | None = None, http_address: str | None = None,
+          metrics_address: str | None = None) -> None:
     """`atelier serve`: listen (NOT_SERVING), load, serve until SIGINT/SIGTERM, shut down gracefully.
     `sampling`: per model name, sampling options to serve it with (RetrievalService.open).
-    `http_address`: also serve HTTP/JSON and the web page there."""
+    `http_address`: also serve HTTP/JSON and the web page there; `metrics_address`: the metrics alone."""
     limits = limits or Limits()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     running = start_server(None, address, max(max_workers, workers_needed(limits, len(models))), security=security,
-                           limits=limits, watch_index=watch_index, http_address=http_address)
+                           limits=limits, watch_index=watch_index, http_address=http_address,
+                           metrics_address=metrics_address)
     log.info("security: %s", security.describe() if security else "plaintext, no tokens")
     log.info("port %d bound (health NOT_SERVING); loading models and index", running.port)
     try:
@@ -209,6 +249,8 @@ def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: in
     print(f"atelier: listening on {address.rsplit(':', 1)[0]}:{running.port}", flush=True)
     if running.http is not None:
         print(f"atelier: web page and HTTP/JSON on {running.http.url}", flush=True)
+    if running.metrics_port is not None:
+        print(f"atelier: metrics on {metrics_address.rsplit(':', 1)[0]}:{running.metrics_port}/metrics", flush=True)
     stop.wait()
     log.info("shutting down: NOT_SERVING, %g s drain, up to %g s for in-flight calls", drain, grace)
     running.stop(grace, drain)

@@ -4,6 +4,7 @@
     GET  /v1/schema                  GetSchema
     POST /v1/generate-and-retrieve   GenerateAndRetrieve
     POST /v1/retrieve-similar        RetrieveSimilar
+    GET  /metrics                    the server's Prometheus metrics (telemetry.py), open like the page
 
 A body is the gRPC request in protobuf's JSON mapping (`json_format`: the proto's JSON names,
 `{"attributes": {"category": {"values": ["Dress"]}}, "topK": 5}`), and a response is the gRPC
@@ -15,7 +16,9 @@ RESOURCE_EXHAUSTED 429, INTERNAL 500, UNAVAILABLE 503, DEADLINE_EXCEEDED 504). A
 `{"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": "..."}}`; a body that is not
 JSON or not the message is 400 saying why, one longer than the server's `max_request_bytes` 413
 (never read). The deadline is the `X-Timeout-Seconds` header (seconds, 0 or more), else
-DEFAULT_TIMEOUT.
+DEFAULT_TIMEOUT. Every answer carries the request's id in `X-Request-Id`: the one the client
+sent in that header (when sane: telemetry.accept_request_id), else a fresh one; the servicer's
+request log line carries the same id.
 
 Security follows the gRPC port's `SecurityConfig`: with tokens, every API call needs
 `Authorization: Bearer <token>` with the right its gRPC method needs, checked by the same code
@@ -46,12 +49,16 @@ from google.protobuf import json_format
 
 from atelier.retrieval.service import Limits
 from atelier.server.security import SecurityConfig, TokenAuthInterceptor, _is_loopback
+from atelier.server.telemetry import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from atelier.server.telemetry import REQUEST_ID_KEY, Telemetry, accept_request_id
 from atelier.server.wire import pb
 
 log = logging.getLogger("atelier.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Atelier"].full_name
 DEFAULT_TIMEOUT = 60.0  # seconds, when a request has no X-Timeout-Seconds header
 TIMEOUT_HEADER = "X-Timeout-Seconds"
+REQUEST_ID_HEADER = "X-Request-Id"
+METRICS_PATH = "/metrics"
 IDLE_TIMEOUT = 30.0  # seconds a connection may wait between (or in the middle of) requests
 STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -117,11 +124,21 @@ class _Aborted(Exception):
 
 
 class HttpContext:
-    """What the servicer asks of a grpc.ServicerContext: the time left, and abort (which raises)."""
+    """What the servicer asks of a grpc.ServicerContext: the time left, abort (which raises), and
+    the request id as the call's metadata."""
 
-    def __init__(self, timeout: float, clock=time.monotonic):
+    face = "http"  # how the servicer's telemetry labels the call
+
+    def __init__(self, timeout: float, clock=time.monotonic, request_id: str = ""):
         self._clock = clock
         self._at = clock() + timeout
+        self.request_id = request_id
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((REQUEST_ID_KEY, self.request_id),) if self.request_id else ()
+
+    def set_trailing_metadata(self, metadata) -> None:
+        pass  # the id is the face's own (the X-Request-Id header)
 
     def time_remaining(self) -> float:
         return max(0.0, self._at - self._clock())
@@ -189,6 +206,7 @@ class HttpFace:
         self.security = security
         self.tokens = TokenAuthInterceptor(security.tokens) if security is not None and security.tokens else None
         self.web = load_web()
+        self.telemetry: Telemetry | None = getattr(servicer, "telemetry", None)
         self.closing = False
         self._inflight, self._idle = 0, threading.Condition()
         if self.tokens is not None and not security.tls and not _is_loopback(address):
@@ -253,12 +271,12 @@ class HttpFace:
             raise invalid(f"{TIMEOUT_HEADER} must be a number of seconds, 0 or more; got {raw[:40]!r}")
         return seconds
 
-    def call(self, route: Route, body: bytes, timeout: float) -> dict[str, Any]:
+    def call(self, route: Route, body: bytes, timeout: float, request_id: str = "") -> dict[str, Any]:
         """Parse `body`, run the servicer's method as gRPC would, and return the response as JSON."""
         request = parse_request(route.request, body)
         with self._counted():
             try:
-                response = getattr(self.servicer, route.method)(request, HttpContext(timeout))
+                response = getattr(self.servicer, route.method)(request, HttpContext(timeout, request_id=request_id))
             except _Aborted as aborted:
                 raise HttpError(STATUS.get(aborted.code, 500), aborted.code.name, aborted.details) from None
         return json_format.MessageToDict(response)
@@ -269,6 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "atelier"
     timeout = IDLE_TIMEOUT
     _consumed = True  # whether the request's body has been read (else the connection cannot be reused)
+    _request_id = ""  # this request's id (X-Request-Id), set as it is handled
+    _status = 0  # the status sent, for the metrics
 
     def setup(self) -> None:
         super().setup()
@@ -284,24 +304,37 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, verb: str) -> None:
         face: HttpFace = self.server.face
         self._consumed = "Content-Length" not in self.headers and "Transfer-Encoding" not in self.headers
+        self._request_id = accept_request_id(self.headers.get(REQUEST_ID_HEADER))
+        self._status = 0
         path = urlsplit(self.path).path
+        try:
+            self._route(face, verb, path)
+        finally:
+            if face.telemetry is not None:
+                known = path in face.web or path in ROUTES or path == METRICS_PATH
+                face.telemetry.http_request(path if known else "other", self._status)
+
+    def _route(self, face: HttpFace, verb: str, path: str) -> None:
         try:
             if face.closing:
                 raise HttpError(503, grpc.StatusCode.UNAVAILABLE.name, "the server is shutting down")
-            if path in face.web:
+            if path in face.web or (path == METRICS_PATH and face.telemetry is not None):
                 if verb != "GET":
                     raise HttpError(405, "METHOD_NOT_ALLOWED", f"{path} takes GET", {"Allow": "GET"})
+                if path == METRICS_PATH:
+                    return self._send(200, face.telemetry.exposition(), METRICS_CONTENT_TYPE)
                 return self._send(200, *face.web[path], PAGE_HEADERS)
             route = ROUTES.get(path)
             if route is None:
                 raise HttpError(404, grpc.StatusCode.NOT_FOUND.name, f"no such path {path[:100]!r}; the API: "
-                                + ", ".join(f"{r.verb} {p}" for p, r in ROUTES.items()) + "; the web page: GET /")
+                                + ", ".join(f"{r.verb} {p}" for p, r in ROUTES.items())
+                                + f"; the web page: GET /; metrics: GET {METRICS_PATH}")
             if verb != route.verb:
                 raise HttpError(405, "METHOD_NOT_ALLOWED", f"{path} takes {route.verb}", {"Allow": route.verb})
             face.authorize(route, self.headers)  # before any other work, as the gRPC interceptor does
             timeout = face.timeout_of(self.headers)
             body = self._body(face.limits.max_request_bytes) if verb == "POST" else b""
-            answer = json.dumps(face.call(route, body, timeout)).encode()
+            answer = json.dumps(face.call(route, body, timeout, self._request_id)).encode()
             self._send(200, answer, "application/json")
         except HttpError as error:
             self._send(error.status, error.body(), "application/json", error.headers)
@@ -328,10 +361,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes, kind: str, headers: Mapping[str, str] | None = None) -> None:
         if not self._consumed or self.server.face.closing:
             self.close_connection = True  # an unread body would be taken for the next request
+        self._status = status
         try:
             self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
+            self.send_header(REQUEST_ID_HEADER, self._request_id)
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             if self.close_connection:

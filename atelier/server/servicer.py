@@ -9,6 +9,10 @@ Every outcome has its status code, so a client can tell its own mistake from the
     UNAVAILABLE          still loading the models and index (health: NOT_SERVING)
     FAILED_PRECONDITION  ReloadIndex: the newly published index was refused (the message says why)
     INTERNAL             a bug: logged with its traceback, and the server goes on serving
+
+Every call of a method is counted, timed and logged by the server's `Telemetry` (telemetry.py:
+Prometheus metrics, the `atelier.requests` JSON line), under the request id the caller sent
+(`x-request-id` metadata) or a fresh one, which goes back in the trailing metadata.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from atelier.retrieval.service import (
 )
 from atelier.retrieval.similar import ProductNotFound, SimilarRequest, retrieve_similar
 from atelier.retrieval.stages import ENCODE
+from atelier.server.telemetry import CallRecord, Telemetry
 from atelier.server.wire import pb, pb_grpc
 
 log = logging.getLogger("atelier.server")
@@ -71,67 +76,79 @@ def lenient(message_class):
 
 
 class AtelierServicer(pb_grpc.AtelierServicer):
-    def __init__(self, service: RetrievalService | None = None):
+    def __init__(self, service: RetrievalService | None = None, telemetry: Telemetry | None = None):
         self.service = service  # None while the server loads: calls get UNAVAILABLE
+        self.telemetry = telemetry or Telemetry()  # the server's metrics and request log
 
-    def _ready(self, request, context) -> RetrievalService:
+    def _ready(self, request, context, call: CallRecord) -> RetrievalService:
         if isinstance(request, Malformed):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            call.abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         service = self.service
         if service is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          "the server is loading its models and index (health: NOT_SERVING); retry shortly")
+            call.abort(context, grpc.StatusCode.UNAVAILABLE,
+                       "the server is loading its models and index (health: NOT_SERVING); retry shortly")
         return service
 
     def GenerateAndRetrieve(self, request, context):
-        service = self._ready(request, context)
-        domain_request = RetrievalRequest(
-            attributes={name: list(v.values) if len(v.values) != 1 else v.values[0] for name, v in request.attributes.items()},
-            model=request.model,
-            num_samples=request.num_samples,
-            top_k=request.top_k,
-            seed=request.seed if request.HasField("seed") else None,
-            return_images=request.return_images,
-            filters=_groups(request.filters),
-            return_thumbnails=request.return_thumbnails,
-        )
-        return self._answer("GenerateAndRetrieve", context,
-                            lambda: service.generate_and_retrieve(domain_request, time_remaining=time_remaining(context)))
+        with self.telemetry.call("GenerateAndRetrieve", context) as call:
+            service = self._ready(request, context, call)
+            domain_request = RetrievalRequest(
+                attributes={name: list(v.values) if len(v.values) != 1 else v.values[0]
+                            for name, v in request.attributes.items()},
+                model=request.model,
+                num_samples=request.num_samples,
+                top_k=request.top_k,
+                seed=request.seed if request.HasField("seed") else None,
+                return_images=request.return_images,
+                filters=_groups(request.filters),
+                return_thumbnails=request.return_thumbnails,
+            )
+            call.ask(request.model, attributes=_groups(request.attributes), filters=domain_request.filters,
+                     num_samples=request.num_samples, top_k=request.top_k, seed=domain_request.seed)
+            return self._answer(call, context, lambda: service.generate_and_retrieve(
+                domain_request, time_remaining=time_remaining(context)))
 
     def RetrieveSimilar(self, request, context):
-        service = self._ready(request, context)
-        domain_request = SimilarRequest(
-            product_id=request.product_id, image=request.image,
-            changes={name: list(v.values) if len(v.values) != 1 else v.values[0] for name, v in request.changes.items()},
-            attributes={name: list(v.values) if len(v.values) != 1 else v.values[0] for name, v in request.attributes.items()},
-            model=request.model, top_k=request.top_k, return_images=request.return_images,
-            return_thumbnails=request.return_thumbnails, filters=_groups(request.filters),
-        )
-        return self._answer("RetrieveSimilar", context,
-                            lambda: retrieve_similar(service, domain_request, time_remaining=time_remaining(context)))
+        with self.telemetry.call("RetrieveSimilar", context) as call:
+            service = self._ready(request, context, call)
+            domain_request = SimilarRequest(
+                product_id=request.product_id, image=request.image,
+                changes={name: list(v.values) if len(v.values) != 1 else v.values[0] for name, v in request.changes.items()},
+                attributes={name: list(v.values) if len(v.values) != 1 else v.values[0]
+                            for name, v in request.attributes.items()},
+                model=request.model, top_k=request.top_k, return_images=request.return_images,
+                return_thumbnails=request.return_thumbnails, filters=_groups(request.filters),
+            )
+            call.ask(request.model, product_id=request.product_id, image_bytes=len(request.image) or None,
+                     changes=_groups(request.changes), attributes=_groups(request.attributes),
+                     filters=domain_request.filters, top_k=request.top_k)
+            return self._answer(call, context, lambda: retrieve_similar(
+                service, domain_request, time_remaining=time_remaining(context)))
 
-    def _answer(self, method: str, context, call) -> pb.GenerateAndRetrieveResponse:
-        """Run `call` (-> RetrievalResult) with each outcome's status code, then encode the response."""
+    def _answer(self, call: CallRecord, context, run) -> pb.GenerateAndRetrieveResponse:
+        """Run `run` (-> RetrievalResult) with each outcome's status code, then encode the response."""
         try:
-            result = call()
+            result = run()
         except ProductNotFound as error:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+            call.abort(context, grpc.StatusCode.NOT_FOUND, str(error))
         except InvalidRequest as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            call.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except Overloaded as error:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            call.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except DeadlineExceeded as error:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
+            call.abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
         except Exception:  # a bug, not the caller's fault: log it, keep serving
-            log.exception("%s failed", method)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            log.exception("%s failed (request %s)", call.method, call.request_id)
+            call.abort(context, grpc.StatusCode.INTERNAL, "internal error; see the server log")
         if time_remaining(context) == 0:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the request's deadline passed before stage {ENCODE!r}")
+            call.abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       f"the request's deadline passed before stage {ENCODE!r}")
         start = time.perf_counter()
         images = [
             pb.GeneratedImage(png=encode_png(im), width=im.shape[1], height=im.shape[0]) for im in result.images
         ]
         timings = {**result.timings_ms, ENCODE: (time.perf_counter() - start) * 1000}
+        call.answered(result.model, timings, products=len(result.products), index_version=result.index_version)
         return pb.GenerateAndRetrieveResponse(
             products=[
                 pb.Product(id=p.id, score=p.score, attributes={k: _values(v) for k, v in p.attributes.items()},
@@ -145,7 +162,11 @@ class AtelierServicer(pb_grpc.AtelierServicer):
         )
 
     def GetSchema(self, request, context):
-        info = self._ready(request, context).describe()
+        with self.telemetry.call("GetSchema", context) as call:
+            return self._schema(self._ready(request, context, call).describe())
+
+    @staticmethod
+    def _schema(info) -> pb.GetSchemaResponse:
         index = info["index"]
         return pb.GetSchemaResponse(
             groups=[pb.AttributeGroup(name=g["name"], values=g["values"], multi_label=g["multi_label"])
@@ -164,16 +185,18 @@ class AtelierServicer(pb_grpc.AtelierServicer):
         )
 
     def ReloadIndex(self, request, context):
-        service = self._ready(request, context)
-        previous = service.index.version
-        try:
-            version, swapped = service.reload_index()
-        except IndexRefused as error:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        except Exception:
-            log.exception("ReloadIndex failed")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        return pb.ReloadIndexResponse(index_version=version, previous_version=previous, swapped=swapped)
+        with self.telemetry.call("ReloadIndex", context) as call:
+            service = self._ready(request, context, call)
+            previous = service.index.version
+            try:
+                version, swapped = service.reload_index()
+            except IndexRefused as error:
+                call.abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            except Exception:
+                log.exception("ReloadIndex failed (request %s)", call.request_id)
+                call.abort(context, grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            call.answer = {"index_version": version, "previous_version": previous, "swapped": swapped}
+            return pb.ReloadIndexResponse(index_version=version, previous_version=previous, swapped=swapped)
 
 
 def add_atelier_servicer(servicer: AtelierServicer, server: grpc.Server) -> None:
