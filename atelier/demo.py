@@ -138,8 +138,8 @@ def run_demo(out: Path, dataset: str = "fashion-mnist", train_seconds: float = 1
     model_dir = checkpoint
     if model_dir is None and not spec.fine_tune and init is None and not from_scratch:
         model_dir = CHECKPOINTS / spec.checkpoint
-        _say(f"model: serving the committed {model_dir} as it is (it is not fine-tuned: a distilled flow would "
-             "lose its one-pass drawing; --init or --from-scratch train)")
+        _say(f"model: serving the committed {model_dir} as it is (this demo does not fine-tune it: "
+             "--init or --from-scratch train)")
     elif model_dir is None:
         model_dir = _train_model(train_dir, out / "model", dataset, spec, train_seconds, init, from_scratch, seed)
     else:
