@@ -71,12 +71,8 @@ def data_root() -> Path:
     return Path(os.environ.get("ATELIER_DATA", REPO.parent / "shared" / "data"))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.reindex",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_catalogue_options(p: argparse.ArgumentParser) -> None:
+    """The catalogue and embedder options both reindex benchmarks take."""
     p.add_argument("--catalogue", type=Path, default=DEFAULT_CATALOGUE,
                    help=f"catalogue folder (default {DEFAULT_CATALOGUE.relative_to(REPO)}; imported there from "
                         "--data when absent; ignored with --quick)")
@@ -85,6 +81,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embedder", default="auto",
                    help="auto (the catalogue's committed in-domain embedder), mobilenet_v2, or a trained one's folder")
     p.add_argument("--input-size", type=int, default=64, help="input size of an ImageNet embedder (default 64)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.reindex",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_catalogue_options(p)
     p.add_argument("--batch-size", type=int, help="batch size of the forward (default: the sweep's fastest)")
     p.add_argument("--batch-sizes", default="8,16,32,64,128,256",
                    help="batch sizes the pure-forward sweep tries (default 8,16,32,64,128,256)")

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # `python benchmarks/reindex_ray.py` as well as `
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import command_line, machine, run_and_report, table  # noqa: E402
-from benchmarks.reindex import DEFAULT_CATALOGUE, REPO, open_catalogue  # noqa: E402
+from benchmarks.reindex import add_catalogue_options, open_catalogue  # noqa: E402
 
 NAME = "reindex_ray"
 QUICK = {"limit": 256}
@@ -42,14 +42,7 @@ QUICK = {"limit": 256}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reindex_ray", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--catalogue", type=Path, default=DEFAULT_CATALOGUE,
-                   help=f"catalogue folder (default {DEFAULT_CATALOGUE.relative_to(REPO)}; imported there from "
-                        "--data when absent; ignored with --quick)")
-    p.add_argument("--data", type=Path, default=None,
-                   help="folder holding fashion_product_images_small/ (default $ATELIER_DATA or ../shared/data)")
-    p.add_argument("--embedder", default="auto",
-                   help="auto (the catalogue's committed in-domain embedder), mobilenet_v2, or a trained one's folder")
-    p.add_argument("--input-size", type=int, default=64, help="input size of an ImageNet embedder (default 64)")
+    add_catalogue_options(p)
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the forward (default 64)")
     p.add_argument("--limit", type=int, help="index the first N rows only (default: the whole catalogue)")
     p.add_argument("--workers", default="1,2", help="Ray worker counts to run, in order (default 1,2)")

@@ -47,6 +47,11 @@ def _values(value) -> pb.AttributeValues:
     return pb.AttributeValues(values=[value] if isinstance(value, str) else list(value))
 
 
+def _asked(values) -> dict[str, str | list[str]]:
+    """A proto map<string, AttributeValues> of asked attributes: one value as itself, several as a list."""
+    return {name: list(v.values) if len(v.values) != 1 else v.values[0] for name, v in values.items()}
+
+
 def _groups(values) -> dict[str, list[str]]:
     """A proto map<string, AttributeValues> as group -> list of values."""
     return {name: list(v.values) for name, v in values.items()}
@@ -93,8 +98,7 @@ class AtelierServicer(pb_grpc.AtelierServicer):
         with self.telemetry.call("GenerateAndRetrieve", context) as call:
             service = self._ready(request, context, call)
             domain_request = RetrievalRequest(
-                attributes={name: list(v.values) if len(v.values) != 1 else v.values[0]
-                            for name, v in request.attributes.items()},
+                attributes=_asked(request.attributes),
                 model=request.model,
                 num_samples=request.num_samples,
                 top_k=request.top_k,
@@ -113,9 +117,8 @@ class AtelierServicer(pb_grpc.AtelierServicer):
             service = self._ready(request, context, call)
             domain_request = SimilarRequest(
                 product_id=request.product_id, image=request.image,
-                changes={name: list(v.values) if len(v.values) != 1 else v.values[0] for name, v in request.changes.items()},
-                attributes={name: list(v.values) if len(v.values) != 1 else v.values[0]
-                            for name, v in request.attributes.items()},
+                changes=_asked(request.changes),
+                attributes=_asked(request.attributes),
                 model=request.model, top_k=request.top_k, return_images=request.return_images,
                 return_thumbnails=request.return_thumbnails, filters=_groups(request.filters),
             )
