@@ -43,11 +43,15 @@ class ConditionEmbedding(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def drop_groups(condition: torch.Tensor, sizes: list[int], probability: float) -> torch.Tensor:
-    """Zero each group's block independently with `probability` (teaches the "any" vectors)."""
+def drop_groups(condition: torch.Tensor, sizes: list[int], probability: float, random=None) -> torch.Tensor:
+    """Zero each group's block independently with `probability` (teaches the "any" vectors).
+
+    `random`: a `distributed.StepRandom` to draw from (else torch's global generator)."""
     if probability <= 0:
         return condition
-    keep = (torch.rand(len(condition), len(sizes), device=condition.device) >= probability).to(condition.dtype)
+    draws = (random.rand(len(sizes)) if random is not None
+             else torch.rand(len(condition), len(sizes), device=condition.device))
+    keep = (draws >= probability).to(condition.dtype)
     return condition * torch.repeat_interleave(keep, torch.tensor(sizes, device=condition.device), dim=1)
 
 

@@ -45,6 +45,7 @@ from atelier.catalog.schema import AttributeSchema
 from atelier.generator.base import ConditionalGenerator, register
 from atelier.generator.checkpoint import OptimizerState
 from atelier.generator.conditioning import ConditionEmbedding, drop_groups
+from atelier.generator.distributed import StepRandom, World
 from atelier.generator.recipes import ema_update
 
 SOLVERS = ("euler", "midpoint", "heun")
@@ -304,18 +305,19 @@ def flow_matching_loss(model: Flow, real: torch.Tensor, condition: torch.Tensor,
     return (model.velocity(x_t, t, condition) - (real - noise)).pow(2).mean()
 
 
-def sample_times(n: int, kind: str, device: torch.device) -> torch.Tensor:
+def sample_times(n: int, kind: str, device: torch.device, random: StepRandom | None = None) -> torch.Tensor:
     if kind == "uniform":
-        return torch.rand(n, device=device)
-    return torch.sigmoid(torch.randn(n, device=device))
+        return random.rand() if random is not None else torch.rand(n, device=device)
+    return torch.sigmoid(random.randn() if random is not None else torch.randn(n, device=device))
 
 
-def training_condition(condition: torch.Tensor, sizes: list[int], group_p: float, all_p: float) -> torch.Tensor:
+def training_condition(condition: torch.Tensor, sizes: list[int], group_p: float, all_p: float,
+                       random: StepRandom | None = None) -> torch.Tensor:
     """Drop groups one by one, and the whole condition for some rows (the unconditional model)."""
-    condition = drop_groups(condition, sizes, group_p)
+    condition = drop_groups(condition, sizes, group_p, random)
     if all_p > 0:
-        keep = (torch.rand(len(condition), 1, device=condition.device) >= all_p).to(condition.dtype)
-        condition = condition * keep
+        draws = random.rand(1) if random is not None else torch.rand(len(condition), 1, device=condition.device)
+        condition = condition * (draws >= all_p).to(condition.dtype)
     return condition
 
 
@@ -328,13 +330,17 @@ class FlowTrainer:
         self.online = copy.deepcopy(model).train().to(memory_format=torch.channels_last)
         self.opt = torch.optim.Adam(self.online.parameters(), lr=model.config.lr)
         self.optimizer_state = OptimizerState(self.opt)
+        # set by the training loop: each step's draws depend on (seed, step) and the global batch
+        # alone, so a data-parallel run equals one process on the same global batches
+        self.seed, self.world = 0, World()
 
     def step(self, real: torch.Tensor, condition: torch.Tensor) -> dict[str, float]:
         online, cfg = self.online, self.model.config
-        condition = training_condition(condition, online.embed.sizes, cfg.condition_dropout, cfg.drop_all)
+        random = StepRandom(self.seed, int(online.trained_steps), self.world, len(real), real.device)
+        condition = training_condition(condition, online.embed.sizes, cfg.condition_dropout, cfg.drop_all, random)
         real = real.contiguous(memory_format=torch.channels_last)
-        noise = torch.randn_like(real)
-        t = sample_times(len(real), cfg.time_sampling, real.device)
+        noise = random.randn(*real.shape[1:]).contiguous(memory_format=torch.channels_last)
+        t = sample_times(len(real), cfg.time_sampling, real.device, random)
         return self.update(flow_matching_loss(online, real, condition, noise, t))
 
     def update(self, loss: torch.Tensor) -> dict[str, float]:

@@ -6,6 +6,9 @@ per value of the first attribute group, same z every epoch so grids compare) and
 checkpoint atomically, so a killed run leaves the last epoch's checkpoint intact. TensorBoard
 event files (losses, images/s, learning rate, the grid each epoch) go to `<out>.tensorboard/`
 (`events.py`), beside the checkpoint, never into it.
+
+Under torchrun each process trains on its slice of every global batch and rank 0 alone
+publishes (`distributed.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ from atelier.catalog.images import encode_png, image_grid, to_square
 from atelier.catalog.schema import AttributeSchema
 from atelier.generator.base import ConditionalGenerator, Trainer, family, sample_seeds
 from atelier.generator.checkpoint import load_extra, load_generator, save_checkpoint
+from atelier.generator.distributed import (
+    World,
+    any_rank,
+    average_gradients,
+    broadcast_from_main,
+    finish_together,
+    join,
+    leave,
+)
 from atelier.generator.events import TrainingEvents
 from atelier.progress import progress_bar
 
@@ -174,21 +186,36 @@ def train(cfg: TrainConfig) -> Path:
     """Train (or resume) a model; returns the published checkpoint's folder."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    catalogue = Catalogue.open(cfg.catalogue)
-    images, conditions, attrs, held_out = training_data(cfg, catalogue)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
-    run = start_run(cfg, catalogue, device, held_out, channels=images.shape[1], image_size=images.shape[2])
-    first_batch = getattr(run.trainer, "batch_size", None) or cfg.batch_size
-    if len(images) < first_batch:
-        raise ValueError(f"{len(images)} training images is fewer than one batch of {first_batch}")
-    publisher = Publisher(cfg, catalogue, run, attrs, rows=len(images))
+    world = join(device.type)
     try:
-        run_epochs(cfg, run, images.to(device), conditions.to(device), publisher)
+        if world.is_distributed and device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
+            torch.cuda.set_device(device)
+        # rank 0 initialises as a single process would; the others' own draws differ (their
+        # weights are replaced by rank 0's below)
+        torch.manual_seed(cfg.seed + world.rank)
+        np.random.seed(cfg.seed + world.rank)
+        catalogue = Catalogue.open(cfg.catalogue)
+        images, conditions, attrs, held_out = training_data(cfg, catalogue)
+        run = start_run(cfg, catalogue, device, held_out, channels=images.shape[1], image_size=images.shape[2])
+        first_batch = (getattr(run.trainer, "batch_size", None) or cfg.batch_size) * world.size
+        if len(images) < first_batch:
+            raise ValueError(f"{len(images)} training images is fewer than one global batch of {first_batch}")
+        trained = [run.model, *run.trainer.extra_state().values()]
+        broadcast_from_main(world, trained)
+        average_gradients(world, trained)
+        if hasattr(run.trainer, "world"):  # a trainer that draws per global batch (distributed.StepRandom)
+            run.trainer.seed, run.trainer.world = cfg.seed, world
+        publisher = Publisher(cfg, catalogue, run, attrs, rows=len(images), world=world)
+        try:
+            run_epochs(cfg, run, images.to(device), conditions.to(device), publisher, world)
+        finally:
+            publisher.close()
+        finish_together(world)
     finally:
-        publisher.close()
+        leave(world)
     return artifacts.resolve(cfg.out)
 
 
@@ -244,15 +271,19 @@ def start_run(cfg: TrainConfig, catalogue: Catalogue, device: torch.device, held
 
 class Publisher:
     """Publishes the run's checkpoint (atomically) with its sample grid and training record, and
-    keeps its TensorBoard events (when `cfg.tensorboard`); `close()` it when the run ends."""
+    keeps its TensorBoard events (when `cfg.tensorboard`); `close()` it when the run ends.
+    In a data-parallel run only rank 0's publisher writes anything."""
 
-    def __init__(self, cfg: TrainConfig, catalogue: Catalogue, run: Run, attrs: list[dict[str, Any]], rows: int):
+    def __init__(self, cfg: TrainConfig, catalogue: Catalogue, run: Run, attrs: list[dict[str, Any]], rows: int,
+                 world: World | None = None):
         self.cfg, self.catalogue, self.run, self.rows = cfg, catalogue, run, rows
+        self.world = world or World()
         self.grid_conditions, self.grid_columns = grid_conditions(catalogue.schema, attrs)
         self.grids = Path(f"{cfg.out}.samples")
-        self.grids.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:
+            self.grids.mkdir(parents=True, exist_ok=True)
         self.events = (TrainingEvents(Path(f"{cfg.out}.tensorboard"), run.trainer, run.images_seen, cfg.log_every)
-                       if cfg.tensorboard else None)
+                       if cfg.tensorboard and self.world.is_main else None)
         self.started = time.perf_counter()
 
     def begin_epoch(self) -> None:
@@ -271,8 +302,10 @@ class Publisher:
     def seconds(self) -> float:
         return self.run.seconds_before + time.perf_counter() - self.started
 
-    def publish(self, epochs_done: int, losses: dict[str, float]) -> Path:
+    def publish(self, epochs_done: int, losses: dict[str, float]) -> Path | None:
         cfg, run = self.cfg, self.run
+        if not self.world.is_main:
+            return None
         grid = sample_grid(run.model, self.grid_conditions, cfg.grid_rows, seed=cfg.seed)
         png = encode_png(grid)
         grid_file = self.grids / f"epoch-{epochs_done:03d}.png"
@@ -283,6 +316,7 @@ class Publisher:
         training = {
             "catalogue": self.catalogue.name, "catalogue_fingerprint": self.catalogue.fingerprint, "split": cfg.split,
             "rows": self.rows, "epochs": epochs_done, "images_seen": run.images_seen, "batch_size": cfg.batch_size,
+            "world_size": self.world.size,  # processes; each trained on batch_size rows of every global batch
             "seconds": round(seconds, 1), "images_per_second": round(run.images_seen / max(seconds, 1e-9), 1),
             "seed": cfg.seed, "losses": losses, "grid_columns": self.grid_columns,
             "command": cfg.command or " ".join(sys.argv), "machine": machine_description(),
@@ -299,9 +333,13 @@ class Publisher:
 
 
 def run_epochs(cfg: TrainConfig, run: Run, images: torch.Tensor, conditions: torch.Tensor,
-               publisher: Publisher) -> None:
+               publisher: Publisher, world: World | None = None) -> None:
     """The epoch loop: shuffled batches through `trainer.step`, a checkpoint after each epoch,
-    and one more when --max-steps or --max-seconds stops the run inside an epoch."""
+    and one more when --max-steps or --max-seconds stops the run inside an epoch.
+
+    Data-parallel: every process walks the same order in global batches of world-size x the
+    batch and trains on its own slice of each."""
+    world = world or World()
     start, step, losses = time.perf_counter(), 0, {}
     last_epoch = run.start_epoch + cfg.epochs
     for epoch in range(run.start_epoch, last_epoch):
@@ -310,26 +348,28 @@ def run_epochs(cfg: TrainConfig, run: Run, images: torch.Tensor, conditions: tor
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(len(images), generator=generator).to(images.device)
         bar = progress_bar(total=len(images), unit="img", desc=f"epoch {epoch + 1}/{last_epoch}",
-                           disable=not cfg.progress, leave=False)
+                           disable=not cfg.progress or not world.is_main, leave=False)
         position, stopped, epoch_complete = 0, False, True
         publisher.begin_epoch()
         while True:
             # progressive models change their batch size with the resolution they are at
-            batch = getattr(run.trainer, "batch_size", None) or cfg.batch_size
+            batch = (getattr(run.trainer, "batch_size", None) or cfg.batch_size) * world.size
             if position + batch > len(images):
                 break
-            idx = order[position : position + batch]
+            mine = batch // world.size
+            idx = order[position + world.rank * mine : position + (world.rank + 1) * mine]
             position += batch
             losses = run.trainer.step(images[idx], conditions[idx])
-            run.images_seen += len(idx)
+            run.images_seen += batch
             step += 1
-            publisher.record(losses, len(idx))
-            bar.update(len(idx))
+            publisher.record(losses, batch)  # the losses are rank 0's slice of the batch
+            bar.update(batch)
             if step % 20 == 0:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
-            if (cfg.max_steps and step >= cfg.max_steps) or (
-                cfg.max_seconds and time.perf_counter() - start >= cfg.max_seconds
-            ):
+            out_of_time = bool(cfg.max_seconds) and time.perf_counter() - start >= cfg.max_seconds
+            if cfg.max_seconds:  # clocks differ: every process stops at the step the first one stops at
+                out_of_time = any_rank(world, out_of_time, images.device)
+            if (cfg.max_steps and step >= cfg.max_steps) or out_of_time:
                 stopped, epoch_complete = True, position + batch > len(images)
                 break
         bar.close()
@@ -337,7 +377,8 @@ def run_epochs(cfg: TrainConfig, run: Run, images: torch.Tensor, conditions: tor
             raise FloatingPointError(f"epoch {epoch + 1}: losses became non-finite {losses}; last checkpoint kept")
         publisher.publish(epoch + (1 if epoch_complete else 0), losses)
         rate = run.images_seen / max(publisher.seconds(), 1e-9)
-        print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
-              + f", {rate:.0f} img/s -> {cfg.out}", file=sys.stderr)  # a line per epoch, bar or not
+        if world.is_main:
+            print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
+                  + f", {rate:.0f} img/s -> {cfg.out}", file=sys.stderr)  # a line per epoch, bar or not
         if stopped:
             break
