@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.index                              # the real 44k + 1M synthetic, all cores
     .venv/bin/python -m benchmarks.index --synthetic-rows 200000      # a medium run
     .venv/bin/python -m benchmarks.index --quick --threads 1          # seconds: 20k synthetic 64-d vectors
+    .venv/bin/python -m benchmarks.index --no-real --no-memory --only compact --target-recall 0.9   # Flat + compact, 1M
 
 Two sets of vectors:
   real       the index of runs/demo-fpi/catalogue-index (Fashion Product Images apparel, 44,441 rows,
@@ -15,15 +16,17 @@ Two sets of vectors:
              structure), queries 1,000 fresh points of the same mixture. Fixed seed.
 
 For each candidate of atelier.indexer.index_choice.candidates (Flat, HNSW32,Flat, IVF{nlist},SQ8,
-IVF{nlist},PQ{m}np) plus OPQ{m} in front of IVF-PQ and, up to --pca-max-rows, PCA{d/2} in front of
-HNSW (its bias zeroed by index_choice.train_index, so inner products keep their ranking): build seconds (train + add), file bytes and bytes per vector, the search
+the compact PCAR40,IVF{nlist},SQ8, IVF{nlist},PQ{m}np) plus OPQ{m} in front of IVF-PQ and, up to
+--pca-max-rows, PCA{d/2} in front of HNSW (its bias zeroed by index_choice.train_index, so inner
+products keep their ranking): build seconds (train + add), file bytes and bytes per vector, the search
 parameter (efSearch / nprobe) raised step by step, as the chooser does, until recall@10 against
 exact search reaches the target (or the best reached), and queries per second one query per call
 (`single`) and all queries in one call (`batched`), all with faiss.omp_set_num_threads(--threads).
 
 The IVF candidates of one size share one k-means (faiss's own IVF training) and one assignment of
 the rows to its centroids; each candidate's build seconds count both in full, as a build of its
-own would. Then: what choose_index picks at each size with no budget and under --budgets-*, its
+own would. The compact one clusters in its own PCA space, so it is built as index_choice builds
+it. Then: what choose_index picks at each size with no budget and under --budgets-*, its
 estimated against its written bytes; the goal at the largest size (recall@10 >= 0.95 at >= 10x Flat's
 single-query QPS); and the resident memory of a served process (RetrievalService
 with the mcgan model) over a directory of the synthetic set's default choice (HNSW at 1M) and over
@@ -67,6 +70,9 @@ QPS_GOAL = 10.0  # goal: >= 10x the flat index's QPS at recall@10 >= 0.95
 MB = 1e6
 QUICK = {"synthetic_rows": 20_000, "dim": 64, "queries": 200, "skip": "pq,opq,pca", "budgets": "2MB,700KB,500KB"}
 STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+# candidate kinds as --skip and --only name them
+KIND_NAMES = {"hnsw": "hnsw", "ivf-sq8": "sq8", "compact": "compact", "ivf-pq": "pq", "ivf-opq-pq": "opq",
+              "pca-hnsw": "pca"}
 
 
 # -- the synthetic vectors ----------------------------------------------------------------------------
@@ -201,12 +207,13 @@ def training_sample(x: np.ndarray, wanted: int, rng: np.random.Generator) -> np.
 
 
 def build_plain(ds: Dataset, factory: str, kind: str, estimated: int, rng: np.random.Generator) -> Built:
-    """Flat / HNSW / PCA + HNSW: train (PCA: on up to 65,536 rows, bias zeroed, as index_choice) and add."""
-    from atelier.indexer.index_choice import new_index, train_index
+    """Flat / HNSW / PCA + HNSW / compact, as index_choice builds them: train (on its sample: 65,536
+    rows, 64 per list for the compact one's IVF; PCA bias zeroed) and add."""
+    from atelier.indexer.index_choice import _training_sample, new_index, train_index
 
     start = time.perf_counter()
-    index = new_index(ds.dim, factory)
-    train_index(index, training_sample(ds.vectors, 65_536, rng))
+    index = new_index(ds.dim, factory, kind)
+    train_index(index, _training_sample(ds.vectors, factory, rng))
     trained = time.perf_counter()
     index.add(ds.vectors)
     done = time.perf_counter()
@@ -396,14 +403,14 @@ def generated_queries(args: argparse.Namespace, directory) -> tuple[np.ndarray |
 # -- the candidates of one size ---------------------------------------------------------------------
 def candidate_list(n: int, dim: int, args: argparse.Namespace, budget_picks: list[str]) -> list[tuple[str, str, int]]:
     """(factory, kind, estimated bytes) to measure: Flat, and unless --skip names them: HNSW, IVF-SQ8,
-    IVF-PQ{~32 bytes} ("pq"), the same behind OPQ ("opq"), PCA{d/2} + HNSW ("pca", up to --pca-max-rows);
-    then whatever choose_index picks under the budgets."""
+    the compact PCAR40 + IVF-SQ8 ("compact"), IVF-PQ{~32 bytes} ("pq"), the same behind OPQ ("opq"),
+    PCA{d/2} + HNSW ("pca", up to --pca-max-rows); then whatever choose_index picks under the budgets."""
     from atelier.indexer.index_choice import IndexOptions, IndexSpec, candidates
 
     specs = {s.factory: s for s in candidates(n, dim)}
     skip = set(filter(None, args.skip.split(",")))
     wanted = [s for s in specs.values() if s.kind == "flat" or (s.kind == "hnsw" and "hnsw" not in skip)
-              or (s.kind == "ivf-sq8" and "sq8" not in skip)]
+              or (s.kind == "ivf-sq8" and "sq8" not in skip) or (s.kind == "compact" and "compact" not in skip)]
     pq = [s for s in specs.values() if s.kind == "ivf-pq"]
     if pq:
         main = min(pq, key=lambda s: abs(s.bytes_per_vector - 48))  # PQ32 at 256-d: 32 bytes of code + id + map
@@ -418,6 +425,9 @@ def candidate_list(n: int, dim: int, args: argparse.Namespace, budget_picks: lis
     if "pca" not in skip and n <= args.pca_max_rows:
         hnsw = next(s for s in candidates(n, dim, IndexOptions(pca=dim // 2)) if s.kind == "hnsw")
         wanted.append(IndexSpec(hnsw.factory, hnsw.parameter, hnsw.bytes_per_vector, hnsw.fixed_bytes, "pca-hnsw"))
+    if args.only:  # budget picks of other kinds too: the budget table says "not measured"
+        only = set(args.only.split(","))
+        wanted = [s for s in wanted if s.kind == "flat" or KIND_NAMES[s.kind] in only]
     return [(s.factory, s.kind, s.estimated_bytes(n)) for s in wanted]
 
 
@@ -531,7 +541,7 @@ def write_directory(dest: Path, vectors: np.ndarray, products, real, prebuilt=No
         shutil.copytree(real.path / real.embedder["files"], stage / real.embedder["files"])
         catalogue = {"name": f"synthetic-{len(vectors)}" if prebuilt else real.manifest["catalogue"]["name"],
                      "rows": len(vectors), "fingerprint": "synthetic" if prebuilt else real.manifest["catalogue"]["fingerprint"]}
-        build = mock.patch.object(index_directory, "build_index", lambda v, s, o: prebuilt) if prebuilt else contextlib.nullcontext()
+        build = mock.patch.object(index_directory, "build_index", lambda v, s, o, **_: prebuilt) if prebuilt else contextlib.nullcontext()
         choice = prebuilt.spec if prebuilt else choose_index(len(vectors), vectors.shape[1])
         with build:
             index_directory.build_index_directory(stage, vectors, products, real.embedder, real.schema, catalogue, choice)
@@ -613,7 +623,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the served-process memory section")
     p.add_argument("--budgets-real", default="50MB,20MB,5MB,3MB", help="memory budgets tried on the real set")
     p.add_argument("--budgets-synthetic", default="2GB,400MB,100MB,40MB", help="memory budgets tried on the synthetic set")
-    p.add_argument("--skip", default="", help="candidate kinds not measured, comma-separated: hnsw,sq8,pq,opq,pca")
+    p.add_argument("--skip", default="", help="candidate kinds not measured, comma-separated: hnsw,sq8,compact,pq,opq,pca")
+    p.add_argument("--only", default="", metavar="KINDS",
+                   help="measure Flat (the reference) and only these kinds, comma-separated, budget picks included: "
+                        "hnsw,sq8,compact,pq,opq,pca (default: every kind --skip leaves)")
     p.add_argument("--pca-max-rows", type=int, default=300_000,
                    help="PCA{d/2},HNSW32 only up to this many rows (its build is another HNSW build; default 300,000)")
     p.add_argument("--single-seconds", type=float, default=5.0,
@@ -627,6 +640,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"skip {QUICK['skip']}, no real set, no memory section")
     p.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    unknown = set(filter(None, f"{args.skip},{args.only}".split(","))) - set(KIND_NAMES.values())
+    if unknown:
+        p.error(f"unknown candidate kind {', '.join(sorted(unknown))}: --skip and --only take {','.join(KIND_NAMES.values())}")
     if args.quick:
         args.synthetic_rows, args.dim = min(args.synthetic_rows, QUICK["synthetic_rows"]), QUICK["dim"]
         args.queries = min(args.queries, QUICK["queries"])

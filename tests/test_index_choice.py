@@ -4,6 +4,7 @@ and that the recall recorded in the manifest is what the opened index really giv
 import subprocess
 import sys
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -11,8 +12,11 @@ from conftest import publish_vectors
 
 from atelier import artifacts
 from atelier.catalog.fashion_mnist import SCHEMA
+from atelier.indexer import index_directory
 from atelier.indexer.index_choice import (
+    COMPACT_SQ_TRIM,
     DIRECT_MAP_BYTES,
+    ID_BYTES,
     IndexBudgetError,
     IndexOptions,
     candidates,
@@ -35,6 +39,22 @@ def clustered(n: int, d: int = DIM, centres: int = 200, spread: float = 0.5, see
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def low_rank(n: int, rank: int = 32, d: int = DIM, seed: int = 0) -> np.ndarray:
+    """`clustered` unit vectors in a random rank-dimensional subspace: a PCA to 40 dimensions keeps them
+    whole (as it keeps the most of real embeddings), so what the compact index loses is its codes'."""
+    basis = np.linalg.qr(np.random.default_rng(seed + 1).standard_normal((d, rank)))[0].T.astype(np.float32)
+    return np.ascontiguousarray(clustered(n, rank, seed=seed) @ basis)
+
+
+def compact_options(n: int, **kwargs) -> IndexOptions:
+    """A memory budget that the compact index fits and IVF-SQ8, the next larger kind, does not."""
+    options = IndexOptions(exact_below=1_000, **kwargs)
+    specs = {s.kind: s for s in candidates(n, DIM, options)}
+    options.memory_budget = int(specs["compact"].estimated_bytes(n) * 1.02)
+    assert specs["ivf-sq8"].estimated_bytes(n) > options.memory_budget
+    return options
+
+
 def publish(dest, vectors, options):
     products = pa.table({"id": [f"p{i:06d}" for i in range(len(vectors))], "category": ["Dress"] * len(vectors)})
     return publish_vectors(dest, vectors, products, EMBEDDER, SCHEMA, {"name": "t", "fingerprint": "f"}, options)
@@ -53,11 +73,26 @@ def test_the_fastest_type_that_fits_is_chosen():
     assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("2GB"))).factory == "HNSW32,Flat"
     assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("1.1GB"))).factory == "Flat"
     assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("400MB"))).factory == "IVF4096,SQ8"
-    assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("100MB"))).factory == "IVF4096,PQ64np"
+    assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("100MB"))).factory == "PCAR40,IVF4096,SQ8"
+    assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("60MB"))).factory == "PCAR40,IVF4096,SQ8"
+    assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("55MB"))).factory == "IVF4096,PQ32np"
     assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("40MB"))).factory == "IVF4096,PQ16np"
     assert choose_index(n, 256, IndexOptions(memory_budget=parse_bytes("200MB"), pca=128)).factory == "PCA128,IVF4096,SQ8"
     sizes = [s.estimated_bytes(n) for s in candidates(n, 256)]
     assert sizes[2:] == sorted(sizes[2:], reverse=True)  # after HNSW and Flat, each step is smaller
+
+
+def test_the_compact_candidate_is_at_most_64_bytes_a_vector_and_replaces_the_pq_codes_as_large():
+    n = 1_000_000
+    specs = candidates(n, 256)
+    compact = next(s for s in specs if s.kind == "compact")
+    assert compact.factory == "PCAR40,IVF4096,SQ8"
+    assert compact.bytes_per_vector == 40 + ID_BYTES + DIRECT_MAP_BYTES  # code, list id, direct map
+    assert compact.estimated_bytes(n) / n <= 64  # centroids and PCA matrices included
+    assert [s.factory for s in specs if s.kind == "ivf-pq"] == ["IVF4096,PQ32np", "IVF4096,PQ16np", "IVF4096,PQ8np"]
+    # its own PCA replaces --pca's, at most 40 dimensions
+    assert next(s for s in candidates(n, 256, IndexOptions(pca=128)) if s.kind == "compact").factory == "PCAR40,IVF4096,SQ8"
+    assert next(s for s in candidates(n, 256, IndexOptions(pca=32)) if s.kind == "compact").factory == "PCAR32,IVF4096,SQ8"
 
 
 def test_a_budget_nothing_fits_is_refused_naming_the_smallest():
@@ -148,3 +183,45 @@ def test_an_impossible_budget_fails_before_embedding_and_keeps_the_old_index(tmp
     bad = subprocess.run([sys.executable, "-m", "atelier.cli", "index", "--catalogue", str(small_catalogue), "--out", str(dest),
                           "--memory-budget", "lots"], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "memory budget 'lots' is not a size" in bad.stderr
+
+
+def test_under_a_budget_only_the_compact_index_fits_it_is_built_as_estimated_and_keeps_neighbours(tmp_path):
+    vectors = low_rank(10_000)
+    options = compact_options(len(vectors), recall_queries=300)
+    folder = publish(tmp_path / "index", vectors, options)
+    index = IndexDirectory.open(tmp_path / "index")
+    record = index.manifest["index_choice"]
+    assert (record["kind"], record["factory"]) == ("compact", "PCAR40,IVF512,SQ8")
+    resident = resident_bytes(folder, index)
+    assert resident <= options.memory_budget
+    assert abs(resident - record["estimated_bytes"]) <= 0.02 * record["estimated_bytes"]
+    assert record["training_rows"] == len(vectors)  # 64 per list would be 32,768: all there are
+    assert record["sq_range"] == {"statistic": "quantiles", "tail_share_left_out": COMPACT_SQ_TRIM}
+    assert faiss.extract_index_ivf(index.index).nprobe == record["search_parameters"]["nprobe"]  # applied at open
+    queries = np.sort(np.random.default_rng(7).choice(len(vectors), 300, replace=False))
+    recall = recall_at_k(index.index, vectors, queries, exact_neighbours(vectors, queries))
+    assert recall >= 0.85 and abs(recall - record["recall_at_10"]) < 0.05  # not a quality bar: wrong rows would fail it
+
+
+@pytest.mark.parametrize("exact_filter_rows", [index_directory.EXACT_FILTER_ROWS, 100],
+                         ids=["scored exactly", "the index with an ID selector"])
+def test_a_compact_index_answers_filtered_and_unfiltered_searches_with_the_right_rows(tmp_path, monkeypatch,
+                                                                                     exact_filter_rows):
+    vectors = low_rank(6_000)
+    publish(tmp_path / "index", vectors, compact_options(len(vectors), recall_queries=200))
+    index = IndexDirectory.open(tmp_path / "index")
+    assert index.manifest["index_choice"]["kind"] == "compact"
+    monkeypatch.setattr(index_directory, "EXACT_FILTER_ROWS", exact_filter_rows)  # 3,000 allowed rows: which path
+    allowed = np.arange(0, len(vectors), 2)
+    own = allowed[::150]  # 20 queries, each a product among the allowed
+    scores, found = index.search(vectors[own], 10)
+    assert (found[:, 0] == own).all()  # each product finds itself first
+    scores, found = index.search(vectors[own], 10, rows=allowed)
+    assert np.isin(found, allowed).all() and (found[:, 0] == own).all()
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    # scores are those of the stored (decoded) vectors, whichever path scored them
+    stored = index.vectors(found.ravel()).reshape(*found.shape, DIM)
+    assert np.allclose(scores, np.einsum("qkd,qd->qk", stored, vectors[own]), atol=1e-4)
+    if exact_filter_rows == 100:  # the selector keeps the index's own ranking, cut to the allowed rows
+        _, wide = index.search(vectors[own], 400)
+        assert np.array_equal(found, np.stack([row[np.isin(row, allowed)][:10] for row in wide]))

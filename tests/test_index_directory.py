@@ -104,3 +104,63 @@ def test_undecodable_images_are_skipped_and_listed(tmp_path, small_catalogue, mo
     with pytest.raises(TooManyFailures, match="2 of 40 images"):
         reindex(tmp_path / "cat", tmp_path / "index", input_size=48, max_failed_fraction=0.01, progress=False)
     assert IndexDirectory.open(tmp_path / "index").manifest["embedder"]["input_size"] == 32
+
+
+def _clustered(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, d)).astype(np.float32)
+    v = centres[rng.integers(0, 40, n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_on_disk_inverted_lists_search_as_the_same_index_in_memory(tmp_path, monkeypatch):
+    from atelier.indexer import index_choice
+    from atelier.indexer.index_choice import IndexOptions
+    from atelier.indexer.index_directory import EXACT_FILTER_ROWS, LISTS_FILE
+
+    monkeypatch.setattr(index_choice, "SHARD_ROWS", 7000)  # several shards, merged
+
+    n = EXACT_FILTER_ROWS + 4000  # so that a filter of most rows takes the ID-selector path
+    vectors, queries = _clustered(n, 32, seed=3), _clustered(20, 32, seed=4)
+    opened = {}
+    for on_disk in (False, True):
+        options = IndexOptions(factory="IVF64,SQ8", on_disk_lists=on_disk)
+        publish_vectors(tmp_path / str(on_disk), vectors, _products(n), EMBEDDER, SCHEMA,
+                        {"name": "t", "fingerprint": "f"}, options)
+        opened[on_disk] = IndexDirectory.open(tmp_path / str(on_disk))  # a renamed folder: the lists found beside
+    memory, disk = opened[False], opened[True]
+    assert (disk.path / LISTS_FILE).is_file() and LISTS_FILE in disk.manifest["files"]
+    assert not (memory.path / LISTS_FILE).exists()
+    assert disk.manifest["index_choice"]["on_disk_lists"] is True
+    assert sorted(p.name for p in disk.path.iterdir()) == sorted([*disk.manifest["files"], "manifest.json"])
+    assert disk.manifest["index_choice"]["search_parameters"] == memory.manifest["index_choice"]["search_parameters"]
+    for rows in (None, np.arange(0, n - 1000)):
+        got, expected = disk.search(queries, 10, rows=rows), memory.search(queries, 10, rows=rows)
+        assert np.array_equal(got[1], expected[1]) and np.allclose(got[0], expected[0])
+    assert np.array_equal(disk.vectors(np.array([0, 7, n - 1])), memory.vectors(np.array([0, 7, n - 1])))
+
+
+def test_on_disk_lists_of_a_catalogue_that_gets_a_flat_index_are_refused_before_embedding(
+        tmp_path, small_catalogue, mobilenet_weights, monkeypatch):
+    from atelier.indexer import runner
+    from atelier.indexer.index_choice import IndexOptions
+
+    monkeypatch.setattr(runner, "run_stages", lambda *a, **k: pytest.fail("embedding started"))
+    with pytest.raises(ValueError, match="on-disk inverted lists need an IVF index, and this one is Flat"):
+        reindex(small_catalogue, tmp_path / "index", input_size=32, index_options=IndexOptions(on_disk_lists=True),
+                progress=False)
+    assert not (tmp_path / "index").exists()
+
+
+def test_the_reindex_job_leaves_no_scratch_vectors_behind(tmp_path, small_catalogue, mobilenet_weights):
+    from atelier.indexer.index_choice import IndexOptions
+    from atelier.indexer.writer import SCRATCH_VECTORS
+
+    version = reindex(small_catalogue, tmp_path / "index", input_size=32, progress=False,
+                      index_options=IndexOptions(factory="IVF8,SQ8", on_disk_lists=True))
+    index = IndexDirectory.open(tmp_path / "index")
+    assert not (version / SCRATCH_VECTORS).exists() and SCRATCH_VECTORS not in index.manifest["files"]
+    assert len(index) == len(Catalogue.open(small_catalogue))
+    own = index.vectors(np.arange(20))
+    _, rows = index.search(own, 1)
+    assert (rows[:, 0] == np.arange(20)).mean() >= 0.9  # each product finds itself (what a broken map would not)

@@ -5,12 +5,20 @@ Candidates, fastest first, each with its resident bytes per vector at dimension 
     Flat                  exact; 4d                     (chosen up to `exact_below` vectors: a
                                                           scan that small is a few ms, no recall lost)
     HNSW32,Flat           graph over full vectors; 4d + 2*32*4 + ~24
-    IVF{nlist},SQ8        inverted lists of 8-bit scalar codes; d + 8 (+ centroids)
-    [OPQ{m}_{d},]IVF{nlist},PQ{m}np   product-quantised codes; m + 8 (+ centroids, codebooks);
+    IVF{nlist},SQ8        inverted lists of 8-bit scalar codes; d + 8 + 8 (+ centroids)
+    PCAR{c},IVF{nlist},SQ8   "compact": PCA to c = min(40, d) dimensions and a random rotation,
+                          then 8-bit codes of the residuals, their range cut at the 0.2% tails;
+                          c + 8 + 8 (+ centroids, the PCA matrices): 57 bytes a vector at 1M,
+                          recall@10 0.90 at nprobe 8 on the 1M benchmark (docs/performance.md)
+    [OPQ{m}_{d},]IVF{nlist},PQ{m}np   product-quantised codes; m + 8 + 8 (+ centroids, codebooks);
                           OPQ only where it measures better on a sample; "np": no polysemous
-                          training, which we would not use and which took 5x the training time
+                          training, which we would not use and which took 5x the training time;
+                          only code sizes below the compact index's (a PQ as large measured far
+                          less accurate)
 
-The first that fits the budget is chosen (`choose_index`, once per job, before embedding) and
+Per vector, every IVF candidate counts its code, the 8-byte id its inverted list stores beside
+it, and the 8-byte direct map IndexDirectory builds at open (row -> list position). The first
+that fits the budget is chosen (`choose_index`, once per job, before embedding) and
 built (`build_index`); then its search parameter (efSearch / nprobe) is raised step by step
 until recall@10 against exact search reaches the target on queries drawn from the vectors
 themselves (each query's own row left out of both answers), and the measured recall, the
@@ -25,6 +33,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -42,6 +51,13 @@ ID_BYTES = 8  # an inverted list stores each vector's 64-bit id beside its code
 DIRECT_MAP_BYTES = 8  # row -> list position, built at open so the merge can reconstruct rows
 OPQ_ITERATIONS = 10  # faiss's default 50 takes minutes on 2 cores for a gain measured at ~0
 RECALL_K = 10
+COMPACT = "compact"
+COMPACT_DIM = 40  # 1M benchmark: recall@10 0.91 at 57 bytes a vector; 48 dims gave 0.92 at 65, over 64
+# Share of each tail of the residuals left outside the compact index's SQ8 range: faiss's min-max
+# range stretches to rare outliers, which costs the common values precision (recall 0.89 -> 0.91).
+COMPACT_SQ_TRIM = 0.002
+ADD_CHUNK = 65_536  # vectors per index.add
+SHARD_ROWS = 262_144  # vectors per shard of on-disk lists (its codes are what the build holds at a time)
 
 
 class IndexBudgetError(ValueError):
@@ -56,7 +72,7 @@ class IndexSpec:
     parameter: str | None  # "efSearch" / "nprobe" / None (exact)
     bytes_per_vector: float
     fixed_bytes: int  # centroids, codebooks, rotations
-    kind: str  # flat / hnsw / ivf-sq8 / ivf-pq
+    kind: str  # flat / hnsw / ivf-sq8 / compact / ivf-pq
 
     def estimated_bytes(self, n: int) -> int:
         return int(self.fixed_bytes + self.bytes_per_vector * n)
@@ -73,6 +89,9 @@ class IndexOptions:
     factory: str | None = None  # force one faiss.index_factory string (skips the choice)
     recall_queries: int = 1000
     seed: int = 0
+    # an IVF index's inverted lists in a file of their own (index.ivfdata), filled chunk by chunk
+    # and memory-mapped when served: neither the build nor a replica holds the codes in memory
+    on_disk_lists: bool = False
 
     def __post_init__(self) -> None:
         if self.memory_budget is not None and self.memory_budget <= 0:
@@ -100,21 +119,40 @@ def candidates(n: int, dim: int, options: IndexOptions | None = None) -> list[In
     options = options or IndexOptions()
     d = options.pca or dim
     prefix = f"PCA{d}," if options.pca else ""
-    pca_bytes = dim * d * 4 + dim * 4 if options.pca else 0
+    pca_bytes = pca_file_bytes(dim, d) if options.pca else 0
     nlist = ivf_lists(n)
     centroids = nlist * d * 4
+    compact = compact_spec(dim, d, nlist)
     specs = [IndexSpec(prefix + "Flat", None, 4 * d, pca_bytes, "flat"),
              IndexSpec(prefix + f"HNSW{HNSW_M},Flat", "efSearch", 4 * d + 2 * HNSW_M * 4 + 24, pca_bytes, "hnsw"),
              IndexSpec(prefix + f"IVF{nlist},SQ8", "nprobe", d + ID_BYTES + DIRECT_MAP_BYTES,
-                       pca_bytes + centroids + 2 * d * 4, "ivf-sq8")]
+                       pca_bytes + centroids + 2 * d * 4, "ivf-sq8"),
+             compact]
     for m in PQ_BYTES:
-        if m < d and d % m == 0:
+        if m < d and d % m == 0 and m + ID_BYTES + DIRECT_MAP_BYTES < compact.bytes_per_vector:
             codebooks = m * 256 * (d // m) * 4
             specs.append(IndexSpec(prefix + f"IVF{nlist},PQ{m}np", "nprobe", m + ID_BYTES + DIRECT_MAP_BYTES,
                                    pca_bytes + centroids + codebooks, "ivf-pq"))
     if n <= options.exact_below:  # a scan this small is cheap: exact first
         return specs
     return specs[1:2] + specs[:1] + specs[2:]
+
+
+def compact_spec(dim: int, d: int, nlist: int) -> IndexSpec:
+    """The compact candidate for vectors of `dim` (`d`: after the optional --pca, which it replaces
+    with its own PCA of at most COMPACT_DIM dimensions). The random rotation after the PCA
+    spreads the few leading components, which carry most of every inner product, over all
+    dimensions, so that each 8-bit code carries an equal share (at 32 dimensions on the 1M
+    benchmark, recall@10 0.82 -> 0.87)."""
+    c = min(COMPACT_DIM, d)
+    return IndexSpec(f"PCAR{c},IVF{nlist},SQ8", "nprobe", c + ID_BYTES + DIRECT_MAP_BYTES,
+                     pca_file_bytes(dim, c) + nlist * c * 4 + 2 * c * 4, COMPACT)
+
+
+def pca_file_bytes(dim: int, d: int) -> int:
+    """What a trained faiss PCAMatrix from `dim` to `d` writes: the d x dim projection and its
+    bias, the mean and eigenvalues, and the full dim x dim eigenvector matrix."""
+    return (d * dim + d + 2 * dim + dim * dim) * 4
 
 
 def choose_index(n: int, dim: int, options: IndexOptions | None = None) -> IndexSpec:
@@ -143,27 +181,92 @@ def _parameter_of(factory: str) -> str | None:
     return None
 
 
-def build_index(vectors: np.ndarray, spec: IndexSpec, options: IndexOptions | None = None) -> BuiltIndex:
+def check_on_disk_lists(spec: IndexSpec, options: IndexOptions) -> None:
+    """On-disk inverted lists exist for IVF indexes only: say so before anything is embedded."""
+    if options.on_disk_lists and "IVF" not in spec.factory:
+        raise ValueError(f"on-disk inverted lists need an IVF index, and this one is {spec.factory} ({spec.kind}); "
+                         "give --memory-budget small enough for an IVF kind, or --index-factory with IVF, "
+                         "e.g. IVF4096,SQ8")
+
+
+def add_vectors(index: faiss.Index, vectors: np.ndarray, lists_file=None) -> None:
+    """index.add, in chunks; with `lists_file`, into on-disk inverted lists in that file.
+
+    Chunks keep what FAISS allocates per add (assignments, codes) small, and let `vectors` be a
+    memory-mapped file read once in order."""
+    if lists_file is not None:
+        _add_to_on_disk_lists(index, vectors, Path(lists_file))
+        return
+    for start in range(0, len(vectors), ADD_CHUNK):
+        index.add(np.ascontiguousarray(vectors[start : start + ADD_CHUNK], dtype=np.float32))
+
+
+def _add_to_on_disk_lists(index: faiss.Index, vectors: np.ndarray, lists_file: Path) -> None:
+    """Shards of SHARD_ROWS vectors, each added to a copy of the trained, empty index and written
+    beside `lists_file`; then every shard's inverted lists merged into one OnDiskInvertedLists
+    file, sized exactly, and the shard files removed. In memory at a time: one shard's codes."""
+    shard_files: list[Path] = []
+    try:
+        for k, first in enumerate(range(0, len(vectors), SHARD_ROWS)):
+            shard = faiss.clone_index(index)
+            for start in range(first, min(first + SHARD_ROWS, len(vectors)), ADD_CHUNK):
+                end = min(start + ADD_CHUNK, first + SHARD_ROWS, len(vectors))
+                # ids given here: merge_from_multiple's shift_ids mis-shifted shards in faiss 1.15.1
+                shard.add_with_ids(np.ascontiguousarray(vectors[start:end], dtype=np.float32),
+                                   np.arange(start, end, dtype=np.int64))
+            shard_files.append(lists_file.with_name(f"{lists_file.name}.shard-{k}"))
+            faiss.write_index(shard, str(shard_files[-1]))
+            del shard
+        shards = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path in shard_files]
+        their_lists = faiss.InvertedListsPtrVector()
+        for shard in shards:
+            their_lists.push_back(faiss.extract_index_ivf(shard).invlists)
+        ivf = faiss.extract_index_ivf(index)
+        merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists_file))
+        total = merged.merge_from_multiple(their_lists.data(), their_lists.size(), False, False)
+        ivf.replace_invlists(merged, True)
+        merged.this.disown()  # the index owns and frees it
+        ivf.ntotal = index.ntotal = total
+        del their_lists, shards
+    finally:
+        for path in shard_files:
+            path.unlink(missing_ok=True)
+
+
+def build_index(vectors: np.ndarray, spec: IndexSpec, options: IndexOptions | None = None,
+                lists_file=None) -> BuiltIndex:
     """Train, fill and tune an inner-product index of type `spec` over `vectors` (n, d), L2-normalised.
 
     `spec` is the caller's `choose_index` result, not chosen again here: the reindex job chooses
-    before embedding, so that a budget nothing fits fails before any image is embedded."""
+    before embedding, so that a budget nothing fits fails before any image is embedded.
+    `vectors` may be a memory-mapped file (np.memmap): it is read in chunks and samples.
+    `lists_file`: with `options.on_disk_lists`, where the inverted lists go."""
     options = options or IndexOptions()
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    check_on_disk_lists(spec, options)
+    if options.on_disk_lists and lists_file is None:
+        raise ValueError("on-disk inverted lists need the file to write them to")
+    if vectors.dtype != np.float32 or not vectors.flags.c_contiguous:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     start = time.perf_counter()
     rng = np.random.default_rng(options.seed)
     opq_record = None
     if spec.kind == "ivf-pq":  # OPQ where it pays: compare on a sample
         spec, opq_record = _with_opq_if_better(spec, vectors, options, rng)
-    index = new_index(dim, spec.factory)
-    train_index(index, _training_sample(vectors, spec.factory, rng))
-    index.add(vectors)
+    index = new_index(dim, spec.factory, spec.kind)
+    sample = _training_sample(vectors, spec.factory, rng)
+    train_index(index, sample)
+    add_vectors(index, vectors, lists_file if options.on_disk_lists else None)
     built = time.perf_counter() - start
     record: dict[str, Any] = {"factory": spec.factory, "kind": spec.kind, "memory_budget": options.memory_budget,
-                              "estimated_bytes": spec.estimated_bytes(n), "build_seconds": round(built, 2)}
+                              "estimated_bytes": spec.estimated_bytes(n), "build_seconds": round(built, 2),
+                              "training_rows": len(sample)}
+    if spec.kind == COMPACT:
+        record["sq_range"] = {"statistic": "quantiles", "tail_share_left_out": COMPACT_SQ_TRIM}
     if opq_record:
         record["opq_comparison"] = opq_record
+    if options.on_disk_lists:
+        record["on_disk_lists"] = True
     if spec.parameter is None and not options.pca and spec.factory == "Flat":
         record.update(recall_at_10=1.0, search_parameters={}, recall_note="exact search")
     else:
@@ -179,14 +282,19 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, options: IndexOptions | No
     return BuiltIndex(index, spec, record)
 
 
-def new_index(dim: int, factory: str) -> faiss.Index:
-    """faiss.index_factory for inner product, with OPQ's iterations cut (OPQ_ITERATIONS)."""
+def new_index(dim: int, factory: str, kind: str | None = None) -> faiss.Index:
+    """faiss.index_factory for inner product, with OPQ's iterations cut (OPQ_ITERATIONS); for
+    the compact kind, its SQ8 range set to leave out the tails (COMPACT_SQ_TRIM)."""
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if isinstance(index, faiss.IndexPreTransform):
         for i in range(index.chain.size()):
             transform = faiss.downcast_VectorTransform(index.chain.at(i))
             if isinstance(transform, faiss.OPQMatrix):
                 transform.niter = OPQ_ITERATIONS
+    if kind == COMPACT:
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index)).sq
+        quantizer.rangestat = faiss.ScalarQuantizer.RS_quantiles
+        quantizer.rangestat_arg = COMPACT_SQ_TRIM
     return index
 
 
@@ -244,10 +352,10 @@ def _query_rows(n: int, wanted: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def exact_neighbours(vectors: np.ndarray, query_rows: np.ndarray, k: int = RECALL_K) -> np.ndarray:
-    """Each query row's exact top-k by inner product, its own row left out."""
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(vectors)
-    _, found = flat.search(vectors[query_rows], k + 1)
+    """Each query row's exact top-k by inner product, its own row left out.
+
+    faiss.knn scans `vectors` where they are (a memory-mapped file is not copied into memory)."""
+    _, found = faiss.knn(np.ascontiguousarray(vectors[query_rows]), vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
     return _without_self(found, query_rows, k)
 
 

@@ -1,6 +1,8 @@
 """An index directory: the FAISS index, the row -> product map, and the manifest naming both.
 
     index.faiss       FAISS index; row i is product i of products.arrow
+    index.ivfdata     optional (`atelier index --on-disk-lists`): an IVF index's inverted lists,
+                      FAISS's OnDiskInvertedLists, memory-mapped read-only when served
     products.arrow    id + attribute columns, in index row order (what a search returns), as an
                       uncompressed Arrow IPC file (older versions: products.parquet); also
                       `image_uri` where the catalogue has it (not an attribute: never filtered,
@@ -28,6 +30,9 @@ its own gives what it gives in any batch.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +51,7 @@ from atelier.indexer.index_choice import IndexOptions, IndexSpec, apply_search_p
 
 KIND = "index"
 INDEX_FILE = "index.faiss"
+LISTS_FILE = "index.ivfdata"  # on-disk inverted lists; index.faiss names it, found beside it when read
 PRODUCTS_FILE = "products.arrow"
 THUMBNAILS_FILE = "thumbnails.arrow"
 LEGACY_PRODUCTS_FILE = "products.parquet"  # index versions written before products.arrow
@@ -73,30 +79,96 @@ def build_index_directory(
     publishing it is the caller's. `choice`: the index type, from `choose_index`; `options`: memory
     budget, recall target, PCA (atelier.indexer.index_choice); `thumbnails`: one encoded image of at
     most `thumbnail_size` px per product row, written as thumbnails.arrow (None: no thumbnails)."""
-    if len(vectors) != products.num_rows:
-        raise ValueError(f"{len(vectors)} vectors for {products.num_rows} products")
-    if len(vectors) == 0:
-        raise ValueError("refusing to publish an empty index")
     if thumbnails is not None and len(thumbnails) != products.num_rows:
         raise ValueError(f"{len(thumbnails)} thumbnails for {products.num_rows} products")
     if thumbnails is not None and thumbnail_size < 1:
         raise ValueError(f"thumbnails need their size, a positive number of px; got {thumbnail_size}")
-    built = build_index(vectors, choice, options)
+    if thumbnails is not None and not isinstance(thumbnails, (pa.Array, pa.ChunkedArray)):
+        thumbnails = pa.array(list(thumbnails), pa.binary())
+    with RowFiles(folder, with_thumbnails=thumbnails is not None) as rows:
+        rows.write(products, thumbnails)
+    finish_index_directory(folder, vectors, products.num_rows, embedder, schema, catalogue, choice, extra, options,
+                           thumbnail_size if thumbnails is not None else 0)
+
+
+class RowFiles:
+    """products.arrow (and thumbnails.arrow) written batch by batch as Arrow IPC files, so a job
+    never holds every product's row or thumbnail in memory at once."""
+
+    def __init__(self, folder: Path, with_thumbnails: bool):
+        self.folder, self.with_thumbnails = folder, with_thumbnails
+        self.rows = 0
+        self._products = self._thumbnails = None
+
+    def __enter__(self) -> RowFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def write(self, products: pa.Table, thumbnails: pa.Array | pa.ChunkedArray | None = None) -> None:
+        if self.with_thumbnails and (thumbnails is None or len(thumbnails) != products.num_rows):
+            raise ValueError(f"{0 if thumbnails is None else len(thumbnails)} thumbnails for {products.num_rows} products")
+        if self._products is None:
+            self._products = _ipc_file(self.folder / PRODUCTS_FILE, products.schema)
+            if self.with_thumbnails:
+                self._thumbnails = _ipc_file(self.folder / THUMBNAILS_FILE, pa.schema([("thumbnail", pa.binary())]))
+        self._products[1].write_table(products)
+        if self.with_thumbnails:
+            self._thumbnails[1].write_table(pa.table({"thumbnail": thumbnails}))
+        self.rows += products.num_rows
+
+    def close(self) -> None:
+        for opened in (self._products, self._thumbnails):
+            if opened is not None:
+                opened[1].close()
+                opened[0].close()
+        self._products = self._thumbnails = None
+
+
+def _ipc_file(path: Path, schema: pa.Schema):
+    sink = pa.OSFile(str(path), "wb")
+    return sink, pa.ipc.new_file(sink, schema)
+
+
+def finish_index_directory(folder: Path, vectors: np.ndarray, count: int, embedder: dict[str, Any],
+                           schema: AttributeSchema, catalogue: dict[str, Any], choice: IndexSpec,
+                           extra: dict[str, Any] | None = None, options: IndexOptions | None = None,
+                           thumbnail_size: int = 0, scratch: Sequence[Path] = ()) -> None:
+    """Build the index over `vectors` (row i: product i of the products file already in `folder`,
+    which holds `count` rows) and write index.faiss (and index.ivfdata) and the manifest.
+    `scratch`: files in `folder` the build reads (the job's vectors), removed before the manifest."""
+    if len(vectors) != count:
+        raise ValueError(f"{len(vectors)} vectors for {count} products")
+    if len(vectors) == 0:
+        raise ValueError("refusing to publish an empty index")
+    dimension = int(vectors.shape[1])
+    with _quiet_faiss():  # OnDiskInvertedLists prints a line each time its file grows
+        built = build_index(vectors, choice, options, lists_file=folder / LISTS_FILE)
+    for path in scratch:
+        path.unlink()
     faiss.write_index(built.index, str(folder / INDEX_FILE))
-    built.record["bytes"] = (folder / INDEX_FILE).stat().st_size
-    with pa.OSFile(str(folder / PRODUCTS_FILE), "wb") as sink, pa.ipc.new_file(sink, products.schema) as writer:
-        writer.write_table(products)
-    if thumbnails is not None:
-        table = pa.table({"thumbnail": thumbnails if isinstance(thumbnails, (pa.Array, pa.ChunkedArray))
-                          else pa.array(list(thumbnails), pa.binary())})
-        with pa.OSFile(str(folder / THUMBNAILS_FILE), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
+    built.record["bytes"] = sum((folder / f).stat().st_size for f in (INDEX_FILE, LISTS_FILE) if (folder / f).is_file())
     artifacts.write_manifest(
-        folder, KIND, embedder=embedder, dimension=int(vectors.shape[1]), metric=METRIC,
-        count=int(len(vectors)), schema=schema.to_dict(), catalogue=catalogue,
-        index_type=built.spec.factory, index_choice=built.record,
-        thumbnail_size=int(thumbnail_size) if thumbnails is not None else 0, **(extra or {}),
+        folder, KIND, embedder=embedder, dimension=dimension, metric=METRIC,
+        count=count, schema=schema.to_dict(), catalogue=catalogue,
+        index_type=built.spec.factory, index_choice=built.record, thumbnail_size=int(thumbnail_size), **(extra or {}),
     )
+
+
+@contextlib.contextmanager
+def _quiet_faiss():
+    """FAISS's C++ code prints to the process's stdout (file descriptor 1), which a job's output
+    (and a server's) should not carry: send it to /dev/null meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @dataclass
@@ -112,11 +184,21 @@ class IndexDirectory:
     def open(cls, path: Path, verify: bool = True) -> IndexDirectory:
         folder = artifacts.resolve(path)
         manifest = artifacts.read_manifest(folder, KIND, verify=verify)
-        index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        if (folder / LISTS_FILE).is_file():  # the lists are memory-mapped by FAISS itself, from beside the index
+            with _quiet_faiss():
+                index = faiss.read_index(str(folder / INDEX_FILE),
+                                         faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR)
+        else:
+            index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
         apply_search_parameters(index, manifest.get("index_choice", {}).get("search_parameters", {}))
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             ivf.make_direct_map()  # reconstruct() by row, for the merge's mean similarity
+            lists = faiss.downcast_InvertedLists(ivf.invlists)
+            if isinstance(lists, faiss.OnDiskInvertedLists):
+                # its prefetch starts threads on every search: 25x slower per query here, for
+                # pages the kernel's read-ahead and page cache already bring
+                lists.prefetch_nthread = 0
         if (folder / PRODUCTS_FILE).is_file():
             products = pa.ipc.open_file(pa.memory_map(str(folder / PRODUCTS_FILE))).read_all()  # zero-copy
         else:

@@ -36,7 +36,7 @@ from atelier.indexer.embedders import (
     build_embedder,
     embedder_for_catalogue,
 )
-from atelier.indexer.index_choice import IndexOptions, choose_index
+from atelier.indexer.index_choice import IndexOptions, check_on_disk_lists, choose_index
 from atelier.indexer.mapper import EmbeddingMapper
 from atelier.indexer.reader import CatalogueReader
 from atelier.indexer.writer import IndexWriter
@@ -92,6 +92,7 @@ def reindex(
         # The one choice, before embedding: a budget nothing fits fails now. It counts every row;
         # images skipped later only make the index smaller.
         choice = choose_index(len(catalogue), embedder.dim, index_options)
+        check_on_disk_lists(choice, index_options)
         embedder.copy_files(stage / INDEX_EMBEDDER_FOLDER)  # hashed into the manifest with the index files
         writer = IndexWriter(
             stage, catalogue.schema, embedder.describe(),
