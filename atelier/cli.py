@@ -273,7 +273,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     from atelier.indexer.runner import reindex
 
     options = IndexOptions(memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
-                           target_recall=args.target_recall, pca=args.pca, factory=args.index_factory)
+                           target_recall=args.target_recall, pca=args.pca, factory=args.index_factory,
+                           on_disk_lists=args.on_disk_lists)
     folder = reindex(args.catalogue, args.out, args.embedder, args.input_size, args.batch_size,
                      args.max_failed_fraction, args.threads, progress=not args.quiet, index_options=options,
                      thumbnail_size=args.thumbnail_size, distributor=args.distributor, ray_address=args.ray_address,
@@ -306,13 +307,18 @@ def _index_parser(verbs) -> None:
                    help="fail (publishing nothing) if more than this fraction of images cannot be decoded")
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="most memory the FAISS index may take, e.g. 800MB or 2GiB: picks the fastest index type "
-                        "that fits (exact Flat up to 50,000 products, then HNSW, IVF-SQ8, IVF-PQ); default: no limit")
+                        "that fits (exact Flat up to 50,000 products, then HNSW, IVF-SQ8, compact (PCA40 + "
+                        "IVF-SQ8, 57 bytes per vector), IVF-PQ); default: no limit")
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="recall@10 against exact search that the search parameter (efSearch / nprobe) is tuned "
                         "to reach; the measured recall goes into the manifest (default 0.95)")
     p.add_argument("--pca", type=int, metavar="DIM", help="reduce the vectors to DIM dimensions first (PCA)")
     p.add_argument("--index-factory", metavar="STRING",
                    help="build exactly this faiss.index_factory string instead of choosing (e.g. 'HNSW32,Flat')")
+    p.add_argument("--on-disk-lists", action="store_true",
+                   help="IVF indexes only: keep the inverted lists in their own file (index.ivfdata), filled "
+                        "chunk by chunk and memory-mapped when served, so neither the job nor a server holds "
+                        "the codes in memory (for catalogues whose index outgrows memory)")
     p.add_argument("--thumbnail-size", type=int, default=64, metavar="PX",
                    help="keep each product's thumbnail, at most PX px (1-256), in the index, for responses that "
                         "ask for them (default 64: the catalogue's own image where it is no larger; 0: none)")
@@ -395,7 +401,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
           watch_index=args.watch_index, grace=args.grace, drain=args.drain,
           batching=BatchPolicy(max_wait_ms=args.batch_wait_ms, max_batch_rows=args.max_batch_rows,
                                chunk_rows=args.batch_chunk_rows), sampling=sampling,
-          http_address=args.http, metrics_address=args.metrics)
+          http_address=args.http, metrics_address=args.metrics, max_connection_age=args.max_connection_age)
 
 
 def _serve_parser(verbs) -> None:
@@ -449,6 +455,10 @@ def _serve_parser(verbs) -> None:
     p.add_argument("--watch-index", type=float, metavar="SECONDS",
                    help="look at --index this often and swap to a newly published version once it passes its "
                         "checks (default: only on a ReloadIndex call)")
+    p.add_argument("--max-connection-age", type=float, metavar="SECONDS",
+                   help="close each client connection after this long (gRPC GOAWAY; calls in flight get 30 s to "
+                        "finish), so clients balancing over a DNS name of several replicas resolve it again and "
+                        "reach replicas added since (default: connections stay open)")
     p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long in-flight calls may take to finish (default 5)")
     p.add_argument("--drain", type=float, default=0.0, metavar="SECONDS",
@@ -529,7 +539,12 @@ def _write_thumbnails(folder: Path, products) -> None:
 def _query_parser(verbs) -> None:
     p = verbs.add_parser("query", help="call a running server (GenerateAndRetrieve; RetrieveSimilar with --like or "
                                        "--like-image; GetSchema without --attr)")
-    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    p.add_argument("--target", default="127.0.0.1:50051", metavar="SERVERS",
+                   help="HOST:PORT of one server (default 127.0.0.1:50051); several replicas as a comma-separated "
+                        "list IP:PORT,IP:PORT (all IPv4, or all IPv6 as [ADDR]:PORT), or dns:///NAME:PORT for every "
+                        "address a name resolves to (e.g. a Kubernetes headless Service): calls go round robin, "
+                        "and one that gets UNAVAILABLE is retried on another replica. With TLS, a list needs "
+                        "--server-name")
     p.add_argument("--attr", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",
                    help="attribute, e.g. --attr category=Dress (repeat a group for multi-label values)")
     p.add_argument("--filter", type=_key_value, action="append", default=[], metavar="GROUP=VALUE",

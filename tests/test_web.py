@@ -65,6 +65,22 @@ def grpc_error(call_) -> grpc.RpcError:
 # --- HTTP/JSON ------------------------------------------------------------------------------------
 
 
+def test_an_answer_beyond_max_response_bytes_is_refused_naming_the_limit(small_index, tiny_model):
+    from atelier.retrieval.service import Limits, RetrievalService
+
+    limits = Limits(max_num_samples=8, max_top_k=20, max_candidates=100, max_response_bytes=4000)
+    running = start_server(RetrievalService.open(small_index, {"cgan": tiny_model}, limits), "127.0.0.1:0",
+                           max_workers=4, http_address="127.0.0.1:0")
+    try:
+        status, answer, _ = call(api(running, "v1/generate-and-retrieve"), {**TROUSERS, "numSamples": 8})
+        assert status == 400 and answer["error"]["status"] == "RESOURCE_EXHAUSTED"
+        assert "exceeds the server's limit of 4000 bytes" in answer["error"]["message"]
+        small = {"attributes": TROUSERS["attributes"], "numSamples": 1, "topK": 1}
+        assert call(api(running, "v1/generate-and-retrieve"), small)[0] == 200  # within the limit: answered
+    finally:
+        running.stop(grace=0)
+
+
 def test_generate_and_retrieve_over_http_is_the_grpc_answer(web, grpc_client):
     status, answer, headers = call(api(web, "v1/generate-and-retrieve"), TROUSERS)
     assert status == 200 and headers["Content-Type"] == "application/json"

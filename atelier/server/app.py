@@ -172,7 +172,7 @@ class RunningServer:
 def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0", max_workers: int = 8,
                  security: SecurityConfig | None = None, *, limits: Limits | None = None,
                  watch_index: float | None = None, http_address: str | None = None,
-                 metrics_address: str | None = None) -> RunningServer:
+                 metrics_address: str | None = None, max_connection_age: float | None = None) -> RunningServer:
     """Start serving `service` on `address` (port 0 = a free port); returns once listening.
 
     `service` None: listen now, health NOT_SERVING and calls UNAVAILABLE until `RunningServer.load`
@@ -181,6 +181,8 @@ def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0",
     `watch_index`: poll the index path this often (seconds) and swap to a new published version.
     `http_address`: also serve HTTP/JSON and the web page there (HOST:PORT; port 0 = a free port).
     `metrics_address`: also serve the Prometheus metrics alone there (HOST:PORT; port 0 = a free port).
+    `max_connection_age`: close each client connection (GOAWAY) after this many seconds, so clients
+    balancing over a DNS name resolve it again and find replicas added since they connected.
     """
     limits = service.limits if service is not None else (limits or Limits())
     if service is not None:
@@ -189,6 +191,12 @@ def start_server(service: RetrievalService | None, address: str = "127.0.0.1:0",
     interceptors = security.interceptors() if security else []
     options = [("grpc.max_receive_message_length", limits.max_request_bytes),
                ("grpc.max_send_message_length", limits.max_response_bytes)]
+    if max_connection_age is not None:
+        if max_connection_age <= 0:
+            raise ValueError(f"max_connection_age must be a positive number of seconds, not {max_connection_age}")
+        # calls in flight when the age is reached get this long to finish on the old connection
+        options += [("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
+                    ("grpc.max_connection_age_grace_ms", 30_000)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          interceptors=interceptors, options=options)
     servicer = AtelierServicer(None, Telemetry())
@@ -225,7 +233,7 @@ def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: in
           security: SecurityConfig | None = None, *, watch_index: float | None = None, grace: float = 5.0,
           drain: float = 0.0, batching: BatchPolicy | None = None,
           sampling: Mapping[str, Mapping[str, Any]] | None = None, http_address: str | None = None,
-          metrics_address: str | None = None) -> None:
+          metrics_address: str | None = None, max_connection_age: float | None = None) -> None:
     """`atelier serve`: listen (NOT_SERVING), load, serve until SIGINT/SIGTERM, shut down gracefully.
     `sampling`: per model name, sampling options to serve it with (RetrievalService.open).
     `http_address`: also serve HTTP/JSON and the web page there; `metrics_address`: the metrics alone."""
@@ -235,7 +243,7 @@ def serve(index: Path, models: Mapping[str, Path], address: str, max_workers: in
         signal.signal(sig, lambda *_: stop.set())
     running = start_server(None, address, max(max_workers, workers_needed(limits, len(models))), security=security,
                            limits=limits, watch_index=watch_index, http_address=http_address,
-                           metrics_address=metrics_address)
+                           metrics_address=metrics_address, max_connection_age=max_connection_age)
     log.info("security: %s", security.describe() if security else "plaintext, no tokens")
     log.info("port %d bound (health NOT_SERVING); loading models and index", running.port)
     try:

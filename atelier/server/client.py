@@ -30,8 +30,11 @@ class AtelierClient:
         server_name: str | None = None,
         token: str | None = None,
     ):
-        """Plaintext by default; TLS with `tls` or any certificate file, mutual TLS with
-        `client_cert` + `client_key`; `token` is sent as `authorization: Bearer <token>`
+        """`target`: one HOST:PORT, a comma-separated list IP:PORT,IP:PORT, or dns:///NAME:PORT; calls
+        go round robin over every address it names, and a call that gets UNAVAILABLE (a server gone
+        or still loading) is retried, on another where there is one (security.channel_target,
+        channel_options). Plaintext by default; TLS with `tls` or any certificate file, mutual TLS
+        with `client_cert` + `client_key`; `token` is sent as `authorization: Bearer <token>`
         (see atelier.server.security.open_channel)."""
         self.channel = open_channel(target, tls=tls, root_ca=root_ca, client_cert=client_cert, client_key=client_key,
                                     server_name=server_name, token=token)

@@ -335,6 +335,11 @@ class _Handler(BaseHTTPRequestHandler):
             timeout = face.timeout_of(self.headers)
             body = self._body(face.limits.max_request_bytes) if verb == "POST" else b""
             answer = json.dumps(face.call(route, body, timeout, self._request_id)).encode()
+            if len(answer) > face.limits.max_response_bytes:  # as the gRPC port refuses an over-size message
+                raise HttpError(400, grpc.StatusCode.RESOURCE_EXHAUSTED.name,
+                                f"the answer of {len(answer)} bytes exceeds the server's limit of "
+                                f"{face.limits.max_response_bytes} bytes (max_response_bytes; atelier serve "
+                                "--max-response-bytes): ask for fewer images or products, or none returned")
             self._send(200, answer, "application/json")
         except HttpError as error:
             self._send(error.status, error.body(), "application/json", error.headers)

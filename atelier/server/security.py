@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -373,6 +374,82 @@ def _is_loopback(address: str) -> bool:
 
 # --- the client side (AtelierClient, `atelier query`) -------------------------------------------
 
+ATELIER_SERVICE = "atelier.v1.Atelier"
+# Schemes gRPC's own resolvers take: a target with one is handed over unchanged.
+RESOLVER_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+TARGET_FORMS = ("HOST:PORT (one server), a comma-separated list of IP:PORT, all IPv4 (10.0.0.5:50051,10.0.0.6:50051) "
+                "or all IPv6 ([fd00::5]:50051,[fd00::6]:50051), or dns:///NAME:PORT (every address NAME resolves to)")
+# Retrying on UNAVAILABLE is safe for every Atelier method: GetSchema and RetrieveSimilar only read,
+# GenerateAndRetrieve changes nothing (the same seed, the same answer) and ReloadIndex serves what is
+# published. gRPC retries only an attempt that got no response headers, one never answered.
+# 5 attempts in all, waiting a random time up to 0.1, 0.2, 0.4, 0.8 s before each retry.
+RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"]}
+
+
+def channel_target(target: str) -> str:
+    """The gRPC target for a server target as a user gives it (`atelier query --target`).
+
+    One HOST:PORT, and the forms of gRPC's resolvers (dns:///NAME:PORT, ipv4:..., unix:PATH), stay
+    as they are; a comma-separated list of IP:PORT becomes gRPC's ipv4: or ipv6: multi-address
+    target. Host names are not taken in a list (gRPC's address lists hold IP addresses only): a
+    name that stands for several servers is dns:///NAME:PORT, which gRPC resolves and re-resolves.
+    """
+    target = target.strip()
+    if target.startswith(RESOLVER_SCHEMES):
+        return target
+    entries = [entry.strip() for entry in target.split(",")]
+    if not all(entries):
+        raise ValueError(f"server target {target!r} has an empty entry; give {TARGET_FORMS}")
+    if len(entries) == 1:
+        return entries[0]
+    families = {_address_family(entry, target) for entry in entries}
+    if len(families) > 1:
+        raise ValueError(f"server target {target!r} mixes IPv4 and IPv6 addresses; give {TARGET_FORMS}")
+    return f"{families.pop()}:{','.join(entries)}"
+
+
+def _address_family(entry: str, target: str) -> str:
+    """'ipv4' or 'ipv6' for one IP:PORT entry of a list, else a ValueError naming the entry."""
+    host, colon, port = entry.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        hint = f"; for a host name give dns:///{entry}" if colon and host and not bracketed else ""
+        raise ValueError(f"{entry!r} in server target {target!r} is not IP:PORT{hint}; "
+                         f"give {TARGET_FORMS}") from None
+    if not (port.isdigit() and 0 < int(port) < 65536) or bracketed != (ip.version == 6):
+        raise ValueError(f"{entry!r} in server target {target!r} is not IP:PORT (a port 1-65535; an IPv6 "
+                         f"address in brackets, as [::1]:50051); give {TARGET_FORMS}")
+    return f"ipv{ip.version}"
+
+
+def channel_options(server_name: str | None = None) -> list[tuple[str, str | int]]:
+    """The options of every client channel: round robin over all the addresses its target names,
+    and calls that get UNAVAILABLE (a server gone or still loading) retried on another (RETRY_POLICY)."""
+    service_config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": [{"service": ATELIER_SERVICE}], "retryPolicy": RETRY_POLICY}],
+    }
+    options: list[tuple[str, str | int]] = [
+        ("grpc.service_config", json.dumps(service_config)),
+        ("grpc.enable_retries", 1),
+        # this config, not one a DNS TXT record might carry
+        ("grpc.service_config_disable_resolution", 1),
+    ]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return options
+
+
+def _is_loopback_target(target: str) -> bool:
+    """Whether every server a target names is on this machine (for the plaintext token warning)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    addresses = re.sub(r"^(dns:(//[^/]*)?/|ipv4:|ipv6:)", "", target)
+    return all(_is_loopback(address) for address in addresses.split(","))
+
 
 def open_channel(
     target: str,
@@ -384,7 +461,9 @@ def open_channel(
     server_name: str | None = None,
     token: str | None = None,
 ) -> grpc.Channel:
-    """A channel to `target`: TLS when `tls` or any certificate file is given, else plaintext.
+    """A channel to `target` (one HOST:PORT, a list IP:PORT,IP:PORT or dns:///NAME:PORT: see
+    channel_target), balanced and retried as channel_options says: TLS when `tls` or any
+    certificate file is given, else plaintext.
 
     `root_ca`: trust this CA (default: the system's roots); `client_cert` + `client_key`: present
     this certificate (mutual TLS); `server_name`: the name expected in the server's certificate
@@ -399,8 +478,13 @@ def open_channel(
         if not token or not _TOKEN_RE.fullmatch(token):
             raise SecurityConfigError("the token is empty or has characters a bearer token cannot have")
     tls = tls or root_ca is not None or client_cert is not None
-    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    if token and not tls and not _is_loopback(target):
+    target = channel_target(target)
+    if tls and not server_name and target.startswith(("ipv4:", "ipv6:")) and "," in target:
+        # gRPC would check the certificate against the whole list as one name, which never matches
+        raise SecurityConfigError("TLS to a list of addresses needs the name in the servers' certificate: "
+                                  "give --server-name NAME (or one HOST:PORT, or dns:///NAME:PORT)")
+    options = channel_options(server_name)
+    if token and not tls and not _is_loopback_target(target):
         log.warning("sending a bearer token over plaintext to %s: anyone on the network path can read it; "
                     "use TLS (--ca or --tls)", target)
     if not tls:
