@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks.common import command_line, to_markdown, write_report
 
-BENCHMARKS = ("reindex", "reindex_ray", "serving", "families", "index", "training")  # soak is separate: it runs for minutes by design
+BENCHMARKS = ("reindex", "reindex_ray", "serving", "families", "index", "index_on_disk", "training", "training_ddp")  # soak is separate: it runs for minutes by design
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

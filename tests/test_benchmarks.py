@@ -77,6 +77,32 @@ def test_training_benchmark_quick(tmp_path, fpi_parquet, idx_dir):
     assert not (out / "tmp" / "training").exists()
 
 
+def test_training_ddp_benchmark_quick(tmp_path, idx_dir):
+    from benchmarks import training_ddp
+
+    out = tmp_path / "bench"
+    report = training_ddp.run(training_ddp.parse_args(["--quick", "--threads", "1", "--out", str(out)]))
+    write_report(report, out)
+    _check_report(report, out, "training_ddp", ["Training images/s: flow (width=8 sample_steps=2)"], goals=0)
+    assert [(r["processes"], r["threads"], r["global_batch"]) for r in report["runs"]] == [(1, 1, 32), (2, 1, 64)]
+    assert all(r["images_per_second"] > 0 and len(r["points"]) >= 2 for r in report["runs"])
+    assert not (out / "tmp" / "training-ddp").exists()
+
+
+def test_index_on_disk_benchmark_quick(tmp_path):
+    from benchmarks import index_on_disk
+
+    out = tmp_path / "bench"
+    report = index_on_disk.run(index_on_disk.parse_args(["--quick", "--threads", "1", "--out", str(out)]))
+    write_report(report, out)
+    _check_report(report, out, "index_on_disk", ["The writer and a served IVF64"], goals=0)
+    memory, disk = report["results"]["lists in memory"], report["results"]["on-disk lists"]
+    assert "index.ivfdata" in disk["build"]["files"] and "index.ivfdata" not in memory["build"]["files"]
+    assert disk["build"]["recall_at_10"] == memory["build"]["recall_at_10"]  # the same index, lists elsewhere
+    assert all(r["serve"]["queries_per_second"] > 0 for r in (memory, disk))
+    assert not (out / "tmp" / "index_on_disk").exists()
+
+
 def test_families_benchmark_quick(tmp_path, idx_dir, mobilenet_weights):
     from benchmarks import families
 
