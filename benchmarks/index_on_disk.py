@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def peak_mb() -> dict[str, float]:
+def memory_now_mb() -> dict[str, float]:
+    """/proc/self/status now (VmHWM in it is the kernel's peak so far), MB."""
     from benchmarks.index import status_mb
 
     return {k: round(v, 1) for k, v in status_mb().items()}
@@ -75,7 +76,7 @@ class AnonymousPeak:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, peak_mb()["RssAnon"])
+            self.peak = max(self.peak, memory_now_mb()["RssAnon"])
 
     def __enter__(self) -> AnonymousPeak:
         self._thread.start()
@@ -84,7 +85,7 @@ class AnonymousPeak:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, peak_mb()["RssAnon"])
+        self.peak = max(self.peak, memory_now_mb()["RssAnon"])
 
 
 def build_child(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,7 +113,7 @@ def build_child(args: argparse.Namespace) -> dict[str, Any]:
             ids = pa.array([f"syn-{i:07d}" for i in range(first, first + n)], pa.string())
             writer.write(Embedded(pa.table({"id": ids, "category": pa.array(["Dress"] * n)}),
                                   mixture.sample(n, seed=first), []))
-        before_build = peak_mb()
+        before_build = memory_now_mb()
         with AnonymousPeak() as build_peak:
             version = publish_index(writer, args.dest)
     seconds = time.perf_counter() - start
@@ -123,7 +124,7 @@ def build_child(args: argparse.Namespace) -> dict[str, Any]:
             "search_parameters": record.get("search_parameters"), "index_bytes": record["bytes"],
             "files": {name: (version / name).stat().st_size for name in manifest["files"]},
             "vectors_mb": round(args.rows * EMBEDDER["dim"] * 4 / 1e6, 1),
-            "memory_before_build_mb": before_build, "memory_mb": peak_mb(),
+            "memory_before_build_mb": before_build, "memory_mb": memory_now_mb(),
             "build_anonymous_peak_mb": build_peak.peak,
             "version": str(version)}
 
@@ -136,15 +137,15 @@ def serve_child(args: argparse.Namespace) -> dict[str, Any]:
 
     faiss.omp_set_num_threads(1)  # a served search: one query at a time, as a server thread does
     queries = Mixture(dim=EMBEDDER["dim"]).sample(args.queries, seed=10**9)
-    opened = peak_mb()
+    opened = memory_now_mb()
     index = IndexDirectory.open(args.dest, verify=False)
-    after_open = peak_mb()
+    after_open = memory_now_mb()
     start = time.perf_counter()
     for q in queries:
         index.search(q[None], 10)
     seconds = time.perf_counter() - start
     return {"queries_per_second": round(len(queries) / seconds, 1), "memory_mb_before_open": opened,
-            "memory_mb_after_open": after_open, "memory_mb": peak_mb()}
+            "memory_mb_after_open": after_open, "memory_mb": memory_now_mb()}
 
 
 def child(kind: str, args: argparse.Namespace, dest: Path, on_disk: bool) -> dict[str, Any]:

@@ -58,10 +58,6 @@ class World:
     def is_distributed(self) -> bool:
         return self.size > 1
 
-    def describe(self) -> dict[str, object]:
-        """The manifest's record of it."""
-        return {"world_size": self.size, "backend": self.backend}
-
 
 def join(device_type: str) -> World:
     """Join torchrun's process group when WORLD_SIZE > 1; the backend follows the device."""
