@@ -5,7 +5,7 @@
 
 For each catalogue the committed checkpoints were trained on (`checkpoints/*`, kind model), one
 `RetrievalService` serves all of them on that catalogue's demo index (`runs/demo-fm/index`,
-`runs/demo-fpi/index`: made by `./dev.sh demo`), behind the real gRPC server on a free
+`runs/demo-fpi/index`, `runs/demo-fpi-full/index`: made by `./dev.sh demo`), behind the real gRPC server on a free
 localhost port, with the server's default limits and batching. One client then asks each
 model, at concurrency 1 (one call in flight), `--requests` times after `--warmup` calls: random
 valid attributes of the model's schema, a random seed, `--num-samples` drawings (default 4),
@@ -32,10 +32,13 @@ from benchmarks.common import REPO, command_line, goal, machine, percentile, run
 
 CHECKPOINTS = REPO / "checkpoints"
 DEMO_INDEXES = {"fashion-mnist": REPO / "runs" / "demo-fm" / "index",
-                "fashion-product-images": REPO / "runs" / "demo-fpi" / "index"}
+                "fashion-product-images": REPO / "runs" / "demo-fpi" / "index",
+                "fashion-product-images-full": REPO / "runs" / "demo-fpi-full" / "index"}
 DEMO_COMMANDS = {"fashion-mnist": "./dev.sh demo --out runs/demo-fm",
                  "fashion-product-images": "./dev.sh demo --dataset fashion-product-images --data DIR "
-                                           "--out runs/demo-fpi"}
+                                           "--out runs/demo-fpi",
+                 "fashion-product-images-full": "./dev.sh demo --dataset fashion-product-images-full --data DIR "
+                                                "--out runs/demo-fpi-full"}
 TARGET_MS = 150.0
 
 
@@ -66,14 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def committed_models() -> dict[str, dict[str, Path]]:
     """{catalogue: {checkpoint folder name: path}} of the committed generator checkpoints, by the
-    catalogue they were trained on (its name without a selection suffix)."""
+    catalogue they were trained on: its name, else the longest demo name it starts with (the
+    6 x 6 selections share the apparel index; the whole catalogue has its own)."""
     out: dict[str, dict[str, Path]] = {}
     for manifest in sorted(CHECKPOINTS.glob("*/manifest.json")):
         record = json.loads(manifest.read_text())
         if record.get("kind") != "model":
             continue
         trained_on = record.get("training", {}).get("catalogue", "")
-        catalogue = next((c for c in DEMO_INDEXES if trained_on == c or trained_on.startswith(c + "-")), None)
+        matches = [c for c in DEMO_INDEXES if trained_on == c or trained_on.startswith(c + "-")]
+        catalogue = max(matches, key=len) if matches else None
         if catalogue is not None:
             out.setdefault(catalogue, {})[manifest.parent.name] = manifest.parent
     return out

@@ -118,6 +118,15 @@ def test_families_benchmark_quick(tmp_path, idx_dir, mobilenet_weights):
         assert r["requests"] == 2 and r["p50_ms"] > 0 and r["stage_mean_ms"]["generate"] > 0, name
 
 
+def test_families_sorts_each_checkpoint_to_the_index_of_its_own_catalogue():
+    from benchmarks import families
+
+    committed = families.committed_models()
+    assert {"mcgan-fpi-apparel", "stage2-fpi-apparel"} <= set(committed["fashion-product-images"])
+    assert "flow-fpi-full" in committed["fashion-product-images-full"]  # not the apparel index: its schema differs
+    assert not set(committed["fashion-product-images"]) & set(committed["fashion-product-images-full"])
+
+
 def test_benchmark_help_says_what_is_measured(capsys):
     from benchmarks import reindex, training
 

@@ -2,6 +2,7 @@
 conditioning accuracy, retrieval precision against the baselines, and a compositional hold-out."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -114,6 +115,12 @@ def test_the_summary_takes_the_headline_models_figures_and_keeps_other_entries(s
     with pytest.raises(ValueError, match="not JSON"):
         update_summary(path, entries)
     assert path.read_text() == "{not json"  # left as it was
+
+
+def test_more_fid_images_than_drawings_is_refused(stack):
+    with pytest.raises(ValueError, match="--fid-images 50 needs at least as many --is-images \\(got 40\\)"):
+        compare_models(stack / "index", stack / "apparel", {"mcgan": stack / "mcgan"}, stack / "judge",
+                       replace(SMALL, fid_images=50))
 
 
 def test_a_judge_of_another_schema_is_refused(stack, tmp_path, small_catalogue):

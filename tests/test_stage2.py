@@ -119,6 +119,39 @@ def test_stage2_trains_while_stage1_stays_frozen(stack):
     assert np.array_equal(sample, model.sample({"colour": "Red"}, 2, seed=3))
 
 
+def test_source_real_learns_from_shrunk_real_images_without_running_stage1(stack):
+    root, catalogue = stack
+    torch.manual_seed(0)
+    model = Stage2(catalogue.schema, Stage2Config(image_size=64, stage1=str(root / "mcgan"), source="real", **TINY))
+    assert model.config.l1_weight == 100.0 and model.config.source_noise == 0.1  # pix2pix's weight by default
+    images, conditions, _ = prepare_data(catalogue, None, 64, None)
+    low = model.shrink(images[:4])
+    assert low.shape == (4, 3, 32, 32)  # stage 1's size: the tiny MCGAN draws 32 px
+    clean = torch.nn.functional.interpolate(images[:4], size=(32, 32), mode="area")
+    assert 0.08 < (low - clean).std().item() < 0.12  # the noise conditioning augmentation
+
+    def refuse(*_):
+        raise AssertionError("stage 1 ran during source=real training")
+
+    forward, model.stage1.forward = model.stage1.forward, refuse
+    trainer = Stage2Trainer(model)
+    model.train()
+    before = model.to_image[0].weight.detach().clone()
+    losses = [trainer.step(images[i * 16 : (i + 1) * 16], conditions[i * 16 : (i + 1) * 16]) for i in range(3)]
+    assert all(np.isfinite(v) for step in losses for v in step.values()) and losses[0]["l1"] > 0
+    assert not torch.equal(model.to_image[0].weight, before)
+    model.stage1.forward = forward
+    model.eval()
+    assert model(torch.randn(2, 16), conditions[:2]).shape == (2, 3, 64, 64)  # serving refines stage 1's drawing
+
+    plain = Stage2Trainer(Stage2(catalogue.schema, Stage2Config(image_size=64, stage1=str(root / "mcgan"), **TINY)))
+    assert plain.l1_weight == 0.0 and plain.step(images[:16], conditions[:16])["l1"] == 0.0
+    with pytest.raises(ValueError, match="source 'fake' is not one of stage1, real"):
+        Stage2(catalogue.schema, Stage2Config(image_size=64, stage1=str(root / "mcgan"), source="fake"))
+    with pytest.raises(ValueError, match="l1_weight and source_noise must be >= 0"):
+        Stage2(catalogue.schema, Stage2Config(image_size=64, stage1=str(root / "mcgan"), source="real", l1_weight=-1))
+
+
 def mean(xs):
     return sum(xs) / len(xs)
 

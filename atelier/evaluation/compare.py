@@ -118,6 +118,9 @@ class Evaluation:
             raise ValueError("name at least one model: --model NAME=CHECKPOINT")
         if min(s.samples, s.is_images, s.is_splits) < 1 or s.fid_images < 0:
             raise ValueError("--samples, --is-images and --is-splits must be positive, --fid-images >= 0")
+        if s.fid_images > s.is_images:  # the FID's drawings are the first of the IS drawings
+            raise ValueError(f"--fid-images {s.fid_images} needs at least as many --is-images (got {s.is_images}): "
+                             f"the FID is measured on the first --fid-images of those drawings")
         self.service = RetrievalService.open(index_path, models, Limits(
             max_num_samples=max(64, s.retrieval_samples), max_top_k=max(100, max(s.ks)),
             max_candidates=max(1000, s.retrieval_samples * max(s.ks))), sampling=sampling)

@@ -33,6 +33,16 @@ for the stage-2 parameters and D only. With stage 1 able to take partial request
 embedding per group), groups are dropped from the condition with stage 1's own
 `condition_dropout` unless set, so stage 2 serves the same partial requests.
 
+Training input (`source`):
+- `stage1` (StackGAN's): stage 2 refines stage 1's own drawings, drawn afresh every step. Cheap
+  for a one-pass GAN, prohibitive for a flow (tens of network passes per drawing).
+- `real`: stage 2 learns from the catalogue's own pairs: the real image shrunk to stage 1's size
+  (area average) with Gaussian noise of std `source_noise` added (cascaded diffusion's noise
+  conditioning augmentation, Ho et al. 2021: the refiner must not rely on clean inputs, since
+  stage 1's drawings are not clean), refined back, and the output also pulled towards the real
+  image by `l1_weight` x L1 (pix2pix's reconstruction term, Isola et al. 2017; weight 100 there).
+  Stage 1 never runs in training; serving refines its drawings as with `stage1`.
+
 Usage: `atelier train --model stage2 --catalogue <128 px catalogue> --set stage1=PATH`. On a
 fresh run `stage1` is a checkpoint path: its schema must equal the catalogue's, its weights
 are copied in, and `config.stage1` becomes {"family", "config", "path", "version",
@@ -87,6 +97,12 @@ class Stage2Config:
     beta1: float = 0.5
     kl_weight: float = 2.0  # StackGAN's stage-2 KL coefficient
     condition_dropout: float | None = None  # None: stage 1's own (0 when it takes no partial request)
+    source: str = "stage1"  # what is refined in training: stage 1's drawings, or shrunk real images
+    source_noise: float = 0.1  # std of the noise on the shrunk real images (source="real"; pixels in [-1, 1])
+    l1_weight: float | None = None  # None: 100 with source="real" (pix2pix), 0 with "stage1" (no pair to match)
+
+
+SOURCES = ("stage1", "real")
 
 
 def output_plan(image_size: int, stage1_size: int) -> int:
@@ -178,7 +194,13 @@ class Stage2(ConditionalGenerator):
                              f"({stage1.family} does not)")
         if config.kl_weight < 0 or config.res_blocks < 0:
             raise ValueError("kl_weight and res_blocks must be >= 0")
-        super().__init__(schema, dataclasses.replace(config, stage1=record, condition_dropout=dropout))
+        if config.source not in SOURCES:
+            raise ValueError(f"stage2 source {config.source!r} is not one of {', '.join(SOURCES)} "
+                             "(stage1: refine stage 1's drawings; real: learn from shrunk real images)")
+        l1 = config.l1_weight if config.l1_weight is not None else (100.0 if config.source == "real" else 0.0)
+        if l1 < 0 or config.source_noise < 0:
+            raise ValueError("l1_weight and source_noise must be >= 0")
+        super().__init__(schema, dataclasses.replace(config, stage1=record, condition_dropout=dropout, l1_weight=l1))
 
         self.stage1 = stage1
         self.stage1.requires_grad_(False)
@@ -235,6 +257,16 @@ class Stage2(ConditionalGenerator):
         """(images, conditioning-augmentation KL) — the trainer needs both."""
         with torch.no_grad():
             low = self.stage1(z, condition)
+        return self.refine(low, condition)
+
+    def shrink(self, real: torch.Tensor) -> torch.Tensor:
+        """What `source="real"` refines in training: the real image at stage 1's size, plus noise."""
+        size = self.stage1.image_size
+        low = F.interpolate(real, size=(size, size), mode="area") if real.shape[-1] != size else real
+        return low + self.config.source_noise * torch.randn_like(low)
+
+    def refine(self, low: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stage-1-sized image -> output image, conditioning-augmentation KL)."""
         if low.shape[-2:] != (ENCODER_SIZE, ENCODER_SIZE):
             low = F.interpolate(low, size=(ENCODER_SIZE, ENCODER_SIZE), mode="bilinear", align_corners=False)
         h = self.encoder(low)
@@ -288,12 +320,17 @@ class Stage2Trainer:
         self.opt_g = torch.optim.Adam(generator.trainable_parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
         self.kl_weight = cfg.kl_weight
+        self.from_real = cfg.source == "real"
+        self.l1_weight = cfg.l1_weight
 
     def step(self, real: torch.Tensor, condition: torch.Tensor) -> dict[str, float]:
         condition = self.g.training_condition(condition)
         wrong, _ = mismatched(condition)  # StackGAN keeps rows whose neighbour shares their condition
-        z = torch.randn(len(real), self.g.latent_dim, device=real.device)
-        fake, kl = self.g.generate(z, condition)
+        if self.from_real:
+            fake, kl = self.g.refine(self.g.shrink(real), condition)
+        else:
+            z = torch.randn(len(real), self.g.latent_dim, device=real.device)
+            fake, kl = self.g.generate(z, condition)
 
         self.opt_d.zero_grad(set_to_none=True)
         real_right = self.d(real, condition)
@@ -305,9 +342,10 @@ class Stage2Trainer:
 
         self.opt_g.zero_grad(set_to_none=True)
         loss_g = generator_loss(self.d(fake, condition), kl, self.kl_weight)
-        loss_g.backward()
+        l1 = (fake - real).abs().mean() if self.l1_weight else fake.new_zeros(())
+        (loss_g + self.l1_weight * l1).backward()
         self.opt_g.step()
-        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "kl": kl.item(),
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "kl": kl.item(), "l1": l1.item(),
                 "d_real": torch.sigmoid(real_right).mean().item(), "d_fake": torch.sigmoid(fake_right).mean().item(),
                 "d_wrong": torch.sigmoid(real_wrong).mean().item()}
 
