@@ -584,15 +584,17 @@ def _demo_parser(verbs) -> None:
     from atelier.demo import DEMO_DATASETS
 
     p.add_argument("--dataset", default="fashion-mnist", choices=DEMO_DATASETS.names(),
-                   help="fashion-mnist (10 classes, default) or fashion-product-images (type x colour; needs --data)")
+                   help="fashion-mnist (10 classes, default); fashion-product-images (the whole catalogue: "
+                        "44,441 products, 7 groups; needs --data); fashion-product-images-apparel "
+                        "(6 apparel types x 6 colours; needs --data)")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for artifacts and report (default demo-out)")
     p.add_argument("--train-seconds", type=float, default=120.0,
                    help="training budget in seconds (default 120), when the demo trains: with --init or "
-                        "--from-scratch, or for fashion-product-images (fashion-mnist serves its committed "
-                        "distilled flow as it is)")
+                        "--from-scratch, or for fashion-product-images-apparel (the other demos serve their "
+                        "committed flow as it is)")
     p.add_argument("--init", type=Path, metavar="CHECKPOINT",
-                   help="fine-tune from this checkpoint (default for fashion-product-images: its committed one "
-                        "under checkpoints/)")
+                   help="fine-tune from this checkpoint (default for fashion-product-images-apparel: its "
+                        "committed one under checkpoints/)")
     p.add_argument("--from-scratch", action="store_true", help="train from random weights instead of --init")
     p.add_argument("--checkpoint", type=Path, help="serve this checkpoint as it is (no training)")
     p.add_argument("--data", "--source", dest="source", type=Path,

@@ -3,10 +3,10 @@
     .venv/bin/python -m benchmarks.families              # every committed model on its demo's index
     .venv/bin/python -m benchmarks.families --quick      # seconds: the Fashion-MNIST models, a small index
 
-For each catalogue the committed checkpoints were trained on (`checkpoints/*`, kind model), one
-`RetrievalService` serves all of them on that catalogue's demo index (`runs/demo-fm/index`,
-`runs/demo-fpi/index`, `runs/demo-fpi-full/index`: made by `./dev.sh demo`), behind the real gRPC server on a free
-localhost port, with the server's default limits and batching. One client then asks each
+For each demo (`atelier demo --dataset NAME`), one `RetrievalService` serves every committed
+checkpoint (`checkpoints/*`, kind model) trained on the catalogue of that demo's default model, on
+the demo's index (`runs/demo-fm/index`, `runs/demo-fpi-full/index`, `runs/demo-fpi/index`: made by
+`./dev.sh demo`), behind the real gRPC server on a free localhost port, with the server's default limits and batching. One client then asks each
 model, at concurrency 1 (one call in flight), `--requests` times after `--warmup` calls: random
 valid attributes of the model's schema, a random seed, `--num-samples` drawings (default 4),
 `--top-k` products, no images returned. It reports p50 / p95 / mean latency at the client and
@@ -31,14 +31,10 @@ from atelier.retrieval.stages import ALL as STAGE_ORDER
 from benchmarks.common import REPO, command_line, goal, machine, percentile, run_and_report, table
 
 CHECKPOINTS = REPO / "checkpoints"
-DEMO_INDEXES = {"fashion-mnist": REPO / "runs" / "demo-fm" / "index",
-                "fashion-product-images": REPO / "runs" / "demo-fpi" / "index",
-                "fashion-product-images-full": REPO / "runs" / "demo-fpi-full" / "index"}
-DEMO_COMMANDS = {"fashion-mnist": "./dev.sh demo --out runs/demo-fm",
-                 "fashion-product-images": "./dev.sh demo --dataset fashion-product-images --data DIR "
-                                           "--out runs/demo-fpi",
-                 "fashion-product-images-full": "./dev.sh demo --dataset fashion-product-images-full --data DIR "
-                                                "--out runs/demo-fpi-full"}
+# the demo (`atelier demo --dataset`) -> the folder its README command writes to
+DEMO_OUT = {"fashion-mnist": "runs/demo-fm", "fashion-product-images": "runs/demo-fpi-full",
+            "fashion-product-images-apparel": "runs/demo-fpi"}
+DEMO_INDEXES = {demo: REPO / out / "index" for demo, out in DEMO_OUT.items()}
 TARGET_MS = 150.0
 
 
@@ -53,34 +49,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="calls per model before measuring (default 3)")
     p.add_argument("--num-samples", type=int, default=4, help="drawings per request (default 4)")
     p.add_argument("--top-k", type=int, default=10, help="products per request (default 10)")
-    p.add_argument("--catalogues", default=",".join(DEMO_INDEXES),
-                   help=f"catalogues whose models to measure (default {','.join(DEMO_INDEXES)})")
+    p.add_argument("--demos", default=",".join(DEMO_INDEXES),
+                   help=f"the demos (`atelier demo --dataset`) whose catalogues' models to measure "
+                        f"(default {','.join(DEMO_INDEXES)})")
     p.add_argument("--seed", type=int, default=0, help="seed of the request generator")
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "soak", help="--quick: where the small index goes")
     args = p.parse_args(argv)
     if args.quick:
-        args.requests, args.warmup, args.catalogues = 2, 1, "fashion-mnist"
-    args.catalogues = [c.strip() for c in args.catalogues.split(",") if c.strip()]
-    unknown = [c for c in args.catalogues if c not in DEMO_INDEXES]
+        args.requests, args.warmup, args.demos = 2, 1, "fashion-mnist"
+    args.demos = [c.strip() for c in args.demos.split(",") if c.strip()]
+    unknown = [c for c in args.demos if c not in DEMO_INDEXES]
     if unknown:
-        p.error(f"unknown catalogue(s) {unknown}; available: {', '.join(DEMO_INDEXES)}")
+        p.error(f"unknown demo(s) {unknown}; available: {', '.join(DEMO_INDEXES)}")
     return args
 
 
+def _trained_on(checkpoint: Path) -> str | None:
+    """The catalogue a committed generator checkpoint was trained on; None for other kinds."""
+    record = json.loads((checkpoint / "manifest.json").read_text())
+    return record.get("training", {}).get("catalogue") if record.get("kind") == "model" else None
+
+
 def committed_models() -> dict[str, dict[str, Path]]:
-    """{catalogue: {checkpoint folder name: path}} of the committed generator checkpoints, by the
-    catalogue they were trained on: its name, else the longest demo name it starts with (the
-    6 x 6 selections share the apparel index; the whole catalogue has its own)."""
+    """{demo: {checkpoint folder name: path}}: the committed generator checkpoints trained on the
+    catalogue of each demo's default model (a model serves only an index of its own schema)."""
+    from atelier.demo import DEMO_DATASETS
+
+    catalogues = {demo: _trained_on(CHECKPOINTS / DEMO_DATASETS.get(demo).checkpoint) for demo in DEMO_INDEXES}
     out: dict[str, dict[str, Path]] = {}
     for manifest in sorted(CHECKPOINTS.glob("*/manifest.json")):
-        record = json.loads(manifest.read_text())
-        if record.get("kind") != "model":
-            continue
-        trained_on = record.get("training", {}).get("catalogue", "")
-        matches = [c for c in DEMO_INDEXES if trained_on == c or trained_on.startswith(c + "-")]
-        catalogue = max(matches, key=len) if matches else None
-        if catalogue is not None:
-            out.setdefault(catalogue, {})[manifest.parent.name] = manifest.parent
+        trained_on = _trained_on(manifest.parent)
+        for demo, catalogue in catalogues.items():
+            if trained_on is not None and trained_on == catalogue:
+                out.setdefault(demo, {})[manifest.parent.name] = manifest.parent
     return out
 
 
@@ -133,26 +134,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     models = committed_models()
     results: dict[str, dict[str, Any]] = {}
-    for catalogue in args.catalogues:
-        index = DEMO_INDEXES[catalogue]
+    for demo in args.demos:
+        index = DEMO_INDEXES[demo]
         if args.quick:
             from benchmarks.soak import build_small_index
 
             index = build_small_index(argparse.Namespace(workdir=args.workdir, build_rows=300, input_size=32))
         elif not index.exists():
-            raise SystemExit(f"families: no index at {index}; make it with `{DEMO_COMMANDS[catalogue]}`")
-        results[catalogue] = _serve_and_measure(index, models.get(catalogue, {}), args)
-    columns = ["catalogue", "model", "family", "p50 ms", "p95 ms", "mean ms",
+            data = "" if demo == "fashion-mnist" else " --data DIR"
+            raise SystemExit(f"families: no index at {index}; make it with "
+                             f"`./dev.sh demo --dataset {demo}{data} --out {DEMO_OUT[demo]}`")
+        results[demo] = _serve_and_measure(index, models.get(demo, {}), args)
+    columns = ["demo", "model", "family", "p50 ms", "p95 ms", "mean ms",
                *(f"{s} ms" for s in STAGE_ORDER)]
-    rows = [[catalogue, name, r["family"], r["p50_ms"], r["p95_ms"], r["mean_ms"],
+    rows = [[demo, name, r["family"], r["p50_ms"], r["p95_ms"], r["mean_ms"],
              *(r["stage_mean_ms"].get(s) for s in STAGE_ORDER)]
-            for catalogue, per_model in results.items() for name, r in per_model.items()]
+            for demo, per_model in results.items() for name, r in per_model.items()]
     goals = []
-    for catalogue in results:
-        default = DEMO_DATASETS.get(catalogue).checkpoint
-        if default in results[catalogue]:
-            goals.append(goal(f"{catalogue}: the demo's default model ({default}) p50 at concurrency 1, "
-                              f"{args.num_samples} drawings (ms)", results[catalogue][default]["p50_ms"], TARGET_MS,
+    for demo in results:
+        default = DEMO_DATASETS.get(demo).checkpoint
+        if default in results[demo]:
+            goals.append(goal(f"{demo}: the demo's default model ({default}) p50 at concurrency 1, "
+                              f"{args.num_samples} drawings (ms)", results[demo][default]["p50_ms"], TARGET_MS,
                               higher_is_better=False))
     notes = [f"concurrency 1, {args.requests} calls per model after {args.warmup} warm-up calls, "
              f"{args.num_samples} drawings and top {args.top_k} per call; stage columns: the server's mean time "

@@ -118,13 +118,16 @@ def test_families_benchmark_quick(tmp_path, idx_dir, mobilenet_weights):
         assert r["requests"] == 2 and r["p50_ms"] > 0 and r["stage_mean_ms"]["generate"] > 0, name
 
 
-def test_families_sorts_each_checkpoint_to_the_index_of_its_own_catalogue():
+def test_families_sorts_each_checkpoint_to_the_demo_of_its_own_catalogue():
     from benchmarks import families
 
     committed = families.committed_models()
-    assert {"mcgan-fpi-apparel", "stage2-fpi-apparel"} <= set(committed["fashion-product-images"])
-    assert "flow-fpi-full" in committed["fashion-product-images-full"]  # not the apparel index: its schema differs
-    assert not set(committed["fashion-product-images"]) & set(committed["fashion-product-images-full"])
+    assert set(committed) == set(families.DEMO_INDEXES)
+    assert {"mcgan-fpi-apparel", "stage2-fpi-apparel"} <= set(committed["fashion-product-images-apparel"])
+    # the whole catalogue's flow and its refinement: not on the apparel index, whose schema differs
+    assert {"flow-fpi-full", "stage2-fpi-full"} <= set(committed["fashion-product-images"])
+    assert not set(committed["fashion-product-images"]) & set(committed["fashion-product-images-apparel"])
+    assert {"cgan-fashion-mnist", "flow-distilled-fashion-mnist"} <= set(committed["fashion-mnist"])
 
 
 def test_benchmark_help_says_what_is_measured(capsys):

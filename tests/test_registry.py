@@ -35,7 +35,7 @@ def test_every_part_registers_where_it_is_defined():
     assert all(FAMILIES.get(name).family == name for name in FAMILIES)
     assert IMPORTERS.names() == ["deepfashion", "fashion-mnist", "fashion-product-images", "table"]
     assert EMBEDDERS.names() == ["mobilenet_v2"] and ARCHITECTURES.names() == ["judge_cnn", "mobilenet_v2"]
-    assert DEMO_DATASETS.names() == ["fashion-mnist", "fashion-product-images", "fashion-product-images-full"]
+    assert DEMO_DATASETS.names() == ["fashion-mnist", "fashion-product-images", "fashion-product-images-apparel"]
     for dataset in DEMO_DATASETS:  # a demo dataset names a registered importer and family
         spec = DEMO_DATASETS.get(dataset)
         assert spec.importer in IMPORTERS and spec.model in FAMILIES

@@ -102,21 +102,25 @@ def update_summary(path: Path, entries: dict[str, dict[str, Any]]) -> dict[str, 
     return summary
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, decimals: int | None = None) -> str:
+    """A figure as the table prints it: `decimals` places where given, else 3 below 10 and 1 above."""
     if value is None:
         return "-"
     if isinstance(value, dict):
-        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
+        return ", ".join(f"{k} {_cell(v, decimals)}" for k, v in value.items())
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        if decimals is None:
+            decimals = 3 if abs(value) < 10 else 1
+        return f"{value:.{decimals}f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-HEADLINE_COLUMNS = (  # (header, entry key, real-products key)
-    ("FID (Inception)", "fid_inception", "real_fid_floor"), ("FID images", "fid_images", "real_fid_floor_images"),
-    ("class accuracy", "class_accuracy", "real_class_accuracy"), ("accuracy", "accuracy", "real_accuracy"),
-    ("diversity", "diversity", "real_diversity"), ("precision@5", "precision_at_5", "real_image_precision_at_5"),
-    ("precision@10", "precision_at_10", "real_image_precision_at_10"),
+HEADLINE_COLUMNS = (  # (header, entry key, real-products key, decimal places: None for the default rule)
+    ("FID (Inception)", "fid_inception", "real_fid_floor", 1), ("FID images", "fid_images", "real_fid_floor_images", None),
+    ("class accuracy", "class_accuracy", "real_class_accuracy", None), ("accuracy", "accuracy", "real_accuracy", None),
+    ("diversity", "diversity", "real_diversity", None),
+    ("precision@5", "precision_at_5", "real_image_precision_at_5", None),
+    ("precision@10", "precision_at_10", "real_image_precision_at_10", None),
 )
 
 
@@ -124,12 +128,14 @@ def headline_table(summary: dict[str, Any]) -> str:
     """The README's headline table: per catalogue, the model's figure beside the real products'
     (real images' FID floor, accuracy and diversity; query by a real image for precision)."""
     catalogues = [k for k in summary if k not in NOT_CATALOGUES]
-    used = [(h, key, real) for h, key, real in HEADLINE_COLUMNS if any(key in summary[c] for c in catalogues)]
-    lines = ["| catalogue | model | " + " | ".join(h for h, _, _ in used) + " |", "|" + " --- |" * (len(used) + 2)]
+    used = [column for column in HEADLINE_COLUMNS if any(column[1] in summary[c] for c in catalogues)]
+    lines = ["| catalogue | model | " + " | ".join(column[0] for column in used) + " |",
+             "|" + " --- |" * (len(used) + 2)]
     for c in catalogues:
         entry = summary[c]
         name = c + (f" (`{entry['selection']}`)" if entry.get("selection") else "")
-        cells = [f"{_cell(entry.get(key))} ({_cell(entry.get(real))})" if key in entry else "" for _, key, real in used]
+        cells = [f"{_cell(entry.get(key), places)} ({_cell(entry.get(real), places)})" if key in entry else ""
+                 for _, key, real, places in used]
         lines.append(f"| {name} | `{entry['model']}` | " + " | ".join(cells) + " |")
     if COMPOSITIONAL in summary:
         entry = summary[COMPOSITIONAL]
