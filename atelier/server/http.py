@@ -307,12 +307,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._request_id = accept_request_id(self.headers.get(REQUEST_ID_HEADER))
         self._status = 0
         path = urlsplit(self.path).path
+        known = path in face.web or path in ROUTES or path == METRICS_PATH
+        self._route_label, self._counted = path if known else "other", False
         try:
             self._route(face, verb, path)
         finally:
-            if face.telemetry is not None:
-                known = path in face.web or path in ROUTES or path == METRICS_PATH
-                face.telemetry.http_request(path if known else "other", self._status)
+            self._count()  # a request that ended without an answer (status 0)
+
+    def _count(self) -> None:
+        telemetry = self.server.face.telemetry
+        if telemetry is not None and not getattr(self, "_counted", True):  # True: not a request _handle took
+            self._counted = True
+            telemetry.http_request(self._route_label, self._status)
 
     def _route(self, face: HttpFace, verb: str, path: str) -> None:
         try:
@@ -367,6 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._consumed or self.server.face.closing:
             self.close_connection = True  # an unread body would be taken for the next request
         self._status = status
+        self._count()  # before the answer leaves: a client that has it finds it counted
         try:
             self.send_response(status)
             self.send_header("Content-Type", kind)
