@@ -6,7 +6,8 @@
 For each demo (`atelier demo --dataset NAME`), one `RetrievalService` serves every committed
 checkpoint (`checkpoints/*`, kind model) trained on the catalogue of that demo's default model, on
 the demo's index (`runs/demo-fm/index`, `runs/demo-fpi-full/index`, `runs/demo-fpi/index`: made by
-`./dev.sh demo`), behind the real gRPC server on a free localhost port, with the server's default limits and batching. One client then asks each
+`./dev.sh demo`), behind the real gRPC server on a free localhost port, with the server's default
+limits and batching. One client then asks each
 model, at concurrency 1 (one call in flight), `--requests` times after `--warmup` calls: random
 valid attributes of the model's schema, a random seed, `--num-samples` drawings (default 4),
 `--top-k` products, no images returned. It reports p50 / p95 / mean latency at the client and
@@ -18,7 +19,6 @@ the serving benchmark. This is a benchmark: it reports and never asserts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -66,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _trained_on(checkpoint: Path) -> str | None:
     """The catalogue a committed generator checkpoint was trained on; None for other kinds."""
-    record = json.loads((checkpoint / "manifest.json").read_text())
+    from atelier import artifacts
+
+    record = artifacts.read_manifest(checkpoint, verify=False)
     return record.get("training", {}).get("catalogue") if record.get("kind") == "model" else None
 
 
