@@ -627,6 +627,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report, visuals = compare_models(args.index, args.catalogue, models, args.judge, settings,
                                      sampling=parse_sampling(args.sampling, models))
     report["command"] = _command(args)
+    report["models"] = {name: str(path) for name, path in models.items()}  # for `atelier summarize` later
     paths = write_report(report, visuals, args.out)
     if args.tensorboard:
         from atelier.evaluation.events import write_events
@@ -636,13 +637,44 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(format_markdown(report))
     print("report: " + ", ".join(str(p) for p in paths.values()))
     if args.summary is not None:
-        from atelier.evaluation.summary import summary_entries, update_summary
+        _write_summary(report, headlines, str(paths["json"]), args.summary)
 
-        entries = {}
-        for headline in headlines:
-            entries.update(summary_entries(report, headline, str(models[headline]), str(paths["json"])))
-        update_summary(args.summary, entries)
-        print(f"summary: {', '.join(entries)} ({', '.join(headlines)}) -> {args.summary}")
+
+def _write_summary(report: dict, headlines: list[str], report_path: str, summary: Path) -> None:
+    from atelier.evaluation.summary import summary_entries, update_summary
+
+    models = report.get("models")
+    if models is None:
+        raise ValueError(f"{report_path} does not say which checkpoint each model was (an older report); "
+                         "run the evaluation again")
+    unknown = [h for h in headlines if h not in models]
+    if unknown:
+        raise ValueError(f"--headline {unknown} not among the report's models {list(models)}")
+    entries = {}
+    for headline in headlines:
+        entries.update(summary_entries(report, headline, models[headline], report_path))
+    update_summary(summary, entries)
+    print(f"summary: {', '.join(entries)} ({', '.join(headlines)}) -> {summary}")
+
+
+def cmd_summarize(args: argparse.Namespace) -> None:
+    report = json.loads(args.report.read_text())
+    _write_summary(report, args.headline, str(args.report), args.summary)
+
+
+def _summarize_parser(verbs) -> None:
+    p = verbs.add_parser(
+        "summarize", help="write an evaluation report's headline figures into the summary file",
+        description="Writes the figures of one or more models of an `atelier eval` report into the summary "
+                    "file, as `atelier eval --summary --headline NAME` would have at the end of that run: for "
+                    "choosing the headline model after reading the figures, without measuring again. The "
+                    "entry keeps the evaluation's command and report path.")
+    p.add_argument("--report", type=Path, required=True, help="report.json of an `atelier eval` run")
+    p.add_argument("--headline", metavar="NAME", action="append", required=True,
+                   help="a model of that report; repeat (e.g. the catalogue's best and a model trained with --hold-out)")
+    p.add_argument("--summary", type=Path, default=Path("docs/results/summary.json"),
+                   help="the summary file (default docs/results/summary.json); other keys are kept")
+    p.set_defaults(func=cmd_summarize)
 
 
 def _eval_parser(verbs) -> None:
@@ -828,7 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add_parser in (_import_parser, _train_parser, _distill_parser, _train_attributes_parser, _sample_parser,
                        _index_parser, _serve_parser, _query_parser, _demo_parser, _eval_parser,
-                       _eval_missing_parser):
+                       _eval_missing_parser, _summarize_parser):
         add_parser(verbs)
     return parser
 

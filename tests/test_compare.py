@@ -149,7 +149,21 @@ def test_eval_command_writes_json_markdown_and_html_with_inception_fid(stack, tm
     assert code == 0
     printed = capsys.readouterr().out
     assert f"-> {summary}" in printed
-    assert json.loads(summary.read_text())["compositional"]["command"].startswith("atelier eval ")
+    written = json.loads(summary.read_text())["compositional"]
+    assert written["command"].startswith("atelier eval ") and written["checkpoint"] == str(stack / "mcgan")
+    # the same entry from the report afterwards, with the headline chosen then; other keys kept
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps({"fashion-mnist": {"model": "flow"}}))
+    assert main(["summarize", "--report", str(out / "report.json"), "--headline", "tiny", "--summary", str(later)]) == 0
+    assert json.loads(later.read_text()) == {"fashion-mnist": {"model": "flow"}, "compositional": written}
+    assert main(["summarize", "--report", str(out / "report.json"), "--headline", "nope", "--summary", str(later)]) == 2
+    assert "--headline ['nope'] not among the report's models ['tiny']" in capsys.readouterr().err
+    old_report = tmp_path / "old.json"
+    old_report.write_text(json.dumps({k: v for k, v in json.loads((out / "report.json").read_text()).items()
+                                      if k != "models"}))
+    assert main(["summarize", "--report", str(old_report), "--headline", "tiny", "--summary", str(later)]) == 2
+    assert "does not say which checkpoint each model was" in capsys.readouterr().err
+    assert json.loads(later.read_text())["compositional"] == written  # refused runs left it as it was
     assert "| tiny |" in printed and f"| {REAL} |" in printed and "FID (Inception)" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["fid_network"]["sha256"] and report["results"]["tiny"]["fid_inception"] > 0
