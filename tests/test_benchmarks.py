@@ -125,7 +125,7 @@ def test_families_sorts_each_checkpoint_to_the_demo_of_its_own_catalogue():
     assert set(committed) == set(families.DEMO_INDEXES)
     assert {"mcgan-fpi-apparel", "stage2-fpi-apparel"} <= set(committed["fashion-product-images-apparel"])
     # the whole catalogue's flow and its refinement: not on the apparel index, whose schema differs
-    assert {"flow-fpi-full", "stage2-fpi-full"} <= set(committed["fashion-product-images"])
+    assert {"flow-fpi-full", "flow-distilled-fpi-full", "stage2-fpi-full"} <= set(committed["fashion-product-images"])
     assert not set(committed["fashion-product-images"]) & set(committed["fashion-product-images-apparel"])
     assert {"cgan-fashion-mnist", "flow-distilled-fashion-mnist"} <= set(committed["fashion-mnist"])
 
