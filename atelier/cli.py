@@ -876,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:  # OSError: a missing file, a port taken, ...
         if args.verbose:
             raise
         print(f"atelier {args.verb}: error: {error}", file=sys.stderr)

@@ -8,6 +8,8 @@ the reason, unless ATELIER_REQUIRE_DATA=1 (set by .ci/run), which turns those sk
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,14 @@ def missing(reason: str):
     if REQUIRED:
         pytest.fail(f"ATELIER_REQUIRE_DATA=1 but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def listening_port(server: subprocess.Popen) -> int:
+    """The port that `atelier serve --address HOST:0` printed it listens on: port 0 leaves no race for a free one."""
+    line = server.stdout.readline()
+    found = re.search(r"listening on [^:]+:(\d+)", line)
+    assert found, server.stderr.read() if server.poll() is not None else line
+    return int(found.group(1))
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,10 @@
 
 import json
 import signal
-import socket
 import subprocess
 import sys
+
+from conftest import listening_port
 
 ATELIER = [sys.executable, "-m", "atelier.cli"]
 
@@ -26,19 +27,11 @@ def test_errors_are_one_clear_line(tmp_path):
     assert result.stderr.strip() == f"atelier index: error: {tmp_path / 'nope'} does not exist"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_and_query(small_index, tiny_model, tmp_path):
-    port = _free_port()
     server = subprocess.Popen([*ATELIER, "serve", "--index", str(small_index), "--model", f"tiny={tiny_model}",
-                               "--address", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "--address", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = server.stdout.readline()
-        assert f"listening on 127.0.0.1:{port}" in line, server.stderr.read() if server.poll() is not None else line
+        port = listening_port(server)
         target = f"127.0.0.1:{port}"
         ok = run("query", "--target", target, "--attr", "category=Dress", "--top-k", "3", "--seed", "1", "--json",
                  "--images-out", str(tmp_path / "images"))

@@ -8,13 +8,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import listening_port
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from atelier.cli import main
@@ -396,12 +396,6 @@ def test_every_configured_token_is_compared_with_compare_digest(monkeypatch):
 # --- `atelier serve` as a user runs it ------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_serve_with_tls_and_a_tokens_file(small_index, tiny_model, pki, tmp_path, capsys):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{QUERY_TOKEN} query\n")
@@ -413,12 +407,10 @@ def test_cli_serve_with_tls_and_a_tokens_file(small_index, tiny_model, pki, tmp_
     assert QUERY_TOKEN not in refused.stderr
 
     tokens.chmod(0o600)
-    port = _free_port()
-    server = subprocess.Popen([*atelier, "--address", f"127.0.0.1:{port}"], stdout=subprocess.PIPE,
+    server = subprocess.Popen([*atelier, "--address", "127.0.0.1:0"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env)
     try:
-        line = server.stdout.readline()
-        assert f"listening on 127.0.0.1:{port}" in line, server.stderr.read() if server.poll() is not None else line
+        port = listening_port(server)
         query = ["query", "--target", f"localhost:{port}", "--ca", str(pki["ca"]), "--attr", "category=Dress",
                  "--top-k", "2", "--num-samples", "1", "--json"]
         assert main([*query, "--token", QUERY_TOKEN]) == 0

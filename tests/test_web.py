@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -15,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import grpc
 import pytest
-from conftest import REPO, missing
+from conftest import REPO, listening_port, missing
 from google.protobuf.json_format import MessageToDict
 
 from atelier.server.app import start_server
@@ -232,19 +233,19 @@ def test_https_with_the_grpc_ports_certificate_and_client_ca(service, tmp_path):
 
 
 def test_cli_serve_with_http(small_index, tiny_model):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # port 0 for both faces: a port picked here and freed could be taken before the server binds it
     server = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve", "--index", str(small_index), "--model",
-                               f"tiny={tiny_model}", "--address", "127.0.0.1:0", "--http", f"127.0.0.1:{port}"],
+                               f"tiny={tiny_model}", "--address", "127.0.0.1:0", "--http", "127.0.0.1:0"],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "listening on 127.0.0.1:" in server.stdout.readline()
+        listening_port(server)
         line = server.stdout.readline()
-        assert f"HTTP/JSON on http://127.0.0.1:{port}/" in line, server.stderr.read() if server.poll() else line
-        status, schema, headers = call(f"http://127.0.0.1:{port}/v1/schema", headers={"X-Request-Id": "cli-1"})
+        found = re.search(r"HTTP/JSON on (http://127\.0\.0\.1:(\d+)/)$", line.strip())
+        assert found and int(found.group(2)) > 0, line
+        base = found.group(1)
+        status, schema, headers = call(f"{base}v1/schema", headers={"X-Request-Id": "cli-1"})
         assert status == 200 and schema["models"][0]["name"] == "tiny" and headers["X-Request-Id"] == "cli-1"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as response:
+        with urllib.request.urlopen(f"{base}metrics", timeout=60) as response:
             assert 'atelier_requests_total{code="OK",face="http",method="GetSchema"} 1.0' in response.read().decode()
     finally:
         server.terminate()
@@ -253,6 +254,20 @@ def test_cli_serve_with_http(small_index, tiny_model):
     lines = [json.loads(line) for line in server.stderr.read().splitlines() if line.strip()]
     calls = [line for line in lines if line["logger"] == "atelier.requests"]
     assert [(c["request_id"], c["method"], c["code"], c["face"]) for c in calls] == [("cli-1", "GetSchema", "OK", "http")]
+
+
+def test_cli_serve_http_port_taken(small_index, tiny_model):
+    """A port another process holds: a one-line error naming the address, exit 2, no traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "atelier.cli", "serve", "--index", str(small_index), "--model",
+                               f"tiny={tiny_model}", "--address", "127.0.0.1:0", "--http", f"127.0.0.1:{taken}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"atelier serve: error: cannot listen for HTTP on 127.0.0.1:{taken}" in done.stderr
+    assert "Traceback" not in done.stderr and "listening on" not in done.stdout
 
 
 # --- the page, in a browser ---------------------------------------------------------------------
