@@ -135,7 +135,9 @@ def _train_parser(verbs) -> None:
     p.add_argument("--init", type=Path, metavar="CHECKPOINT",
                    help="start from this checkpoint's weights (fine-tune) and publish to --out")
     p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
-                   help="model option, e.g. --set g_width=64 --set latent_dim=128")
+                   help="model option, e.g. --set g_width=64 --set latent_dim=128; with --resume only the "
+                        "family's schedule options may change (the flow's lr, ema_decay, cooldown_start, "
+                        "cooldown_steps)")
     p.add_argument("--hold-out", metavar="GROUP,GROUP",
                    help="compositional hold-out: remove a fraction of these groups' value combinations "
                         "(e.g. type,colour) from training; they are listed in the manifest for `atelier eval`")

@@ -7,7 +7,7 @@ import torch
 
 from atelier.catalog.schema import AttributeGroup, AttributeSchema
 from atelier.generator.checkpoint import load_extra, load_generator, save_checkpoint
-from atelier.generator.flow import Flow, FlowConfig, flow_matching_loss, training_condition
+from atelier.generator.flow import Flow, FlowConfig, flow_matching_loss, learning_rate, training_condition
 
 SCHEMA = AttributeSchema((AttributeGroup("type", ("Shirt", "Dress", "Bag")), AttributeGroup("colour", ("Red", "Blue"))))
 TINY = dict(image_size=8, channels=1, width=8, multipliers=(1, 2), embed_dim=4, sample_steps=3)
@@ -98,6 +98,41 @@ def test_resume_continues_exactly_from_the_saved_weights_and_optimizer(tmp_path)
         assert torch.equal(a, b)
     for a, b in zip(trainer.online.parameters(), resumed.online.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_cooldown_takes_the_learning_rate_linearly_to_zero():
+    cfg = FlowConfig(lr=1e-3, warmup_steps=10, cooldown_start=100, cooldown_steps=50)
+    assert learning_rate(cfg, 4) == pytest.approx(5e-4)  # warm-up
+    assert learning_rate(cfg, 100) == pytest.approx(1e-3)  # constant up to the cool-down
+    assert learning_rate(cfg, 125) == pytest.approx(5e-4)
+    assert learning_rate(cfg, 150) == 0 and learning_rate(cfg, 400) == 0
+    assert learning_rate(FlowConfig(lr=1e-3, warmup_steps=10), 10**6) == pytest.approx(1e-3)  # none set
+    with pytest.raises(ValueError, match="cooldown_steps -1 must be a whole number of steps, at least 0"):
+        Flow(SCHEMA, FlowConfig(**{**TINY, "cooldown_steps": -1}))
+
+
+def test_a_resumed_run_may_change_its_schedule_but_not_its_network(flow_checkpoint, small_catalogue, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from atelier import artifacts
+    from atelier.generator.train import TrainConfig, train
+
+    fork = tmp_path / "cooled"
+    shutil.copytree(artifacts.resolve(flow_checkpoint), fork)
+    before = load_file(fork / "online.safetensors")
+    common = dict(catalogue=small_catalogue, out=fork, model="flow", epochs=1, batch_size=16, max_steps=2,
+                  progress=False, resume=True)
+    with pytest.raises(ValueError, match=r"cannot change \['width'\] .*may change only: lr, cooldown_start"):
+        train(TrainConfig(**common, model_overrides={"width": 16}))
+    # the two trained steps were 0 and 1; the cool-down ends at step 2, so the next two steps are at rate 0
+    train(TrainConfig(**common, model_overrides={"width": 8, "cooldown_start": 1, "cooldown_steps": 1}))
+    cooled, manifest = load_generator(fork)
+    assert (cooled.config.cooldown_start, cooled.config.cooldown_steps) == (1, 1)  # kept for the next resume
+    assert int(cooled.trained_steps) == 4 and manifest["training"]["images_seen"] == 4 * 16
+    after = load_file(artifacts.resolve(fork) / "online.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != "trained_steps")
 
 
 def test_a_request_may_name_any_subset_of_the_groups():

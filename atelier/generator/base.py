@@ -56,6 +56,9 @@ class ConditionalGenerator(nn.Module):
     accepts_partial: ClassVar[bool] = False  # may a request leave a single-label group out?
     # config fields a served copy may set without retraining (how it samples, not what it learned)
     SAMPLING_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    # config fields a resumed or fine-tuned run may change: how the rest of the run trains (its
+    # learning-rate schedule, its EMA), not the network it trains
+    SCHEDULE_OPTIONS: ClassVar[tuple[str, ...]] = ()
     can_edit: ClassVar[bool] = False  # implements `invert`, so `edit_conditions` can redraw a given image
 
     def __init__(self, schema: AttributeSchema, config: Any):

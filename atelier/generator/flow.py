@@ -67,6 +67,10 @@ class FlowConfig:
     time_sampling: str = "logit-normal"
     lr: float = 5e-4
     warmup_steps: int = 500
+    # a cool-down (warmup-stable-decay): from step cooldown_start the learning rate falls linearly
+    # to 0 over cooldown_steps (0: constant); set on a resumed copy of a run to fork a finished model
+    cooldown_start: int = 0
+    cooldown_steps: int = 0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     # sampling (may differ per served copy; they do not change the weights)
@@ -208,6 +212,7 @@ class Flow(ConditionalGenerator):
     accepts_partial = True
 
     SAMPLING_OPTIONS = ("sample_steps", "solver", "guidance", "compose")
+    SCHEDULE_OPTIONS = ("lr", "cooldown_start", "cooldown_steps", "ema_decay")
 
     def __init__(self, schema: AttributeSchema, config: FlowConfig | None = None):
         config = config or FlowConfig()
@@ -224,6 +229,12 @@ class Flow(ConditionalGenerator):
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
         if not (0 <= config.condition_dropout < 1 and 0 <= config.drop_all < 1):
             raise ValueError("condition_dropout and drop_all must be in [0, 1)")
+        for name in ("cooldown_start", "cooldown_steps"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} {value!r} must be a whole number of steps, at least 0")
+        if not (isinstance(config.lr, (int, float)) and config.lr > 0 and 0 <= config.ema_decay < 1):
+            raise ValueError(f"lr {config.lr!r} must be above 0 and ema_decay {config.ema_decay!r} in [0, 1)")
         if isinstance(config.sample_steps, bool) or not isinstance(config.sample_steps, int) or config.sample_steps < 1:
             raise ValueError(f"sample_steps {config.sample_steps!r} must be a whole number, at least 1")
         if isinstance(config.guidance, bool) or not isinstance(config.guidance, (int, float)):
@@ -321,6 +332,14 @@ def training_condition(condition: torch.Tensor, sizes: list[int], group_p: float
     return condition
 
 
+def learning_rate(cfg: FlowConfig, step: int) -> float:
+    """Adam's rate at `step`: a linear warm-up, constant, then the cool-down if one is set."""
+    rate = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.cooldown_steps:
+        rate *= min(1.0, max(0.0, (cfg.cooldown_start + cfg.cooldown_steps - step) / cfg.cooldown_steps))
+    return rate
+
+
 class FlowTrainer:
     """Adam on a trained copy of the model; the model itself is the EMA of that copy."""
 
@@ -348,7 +367,7 @@ class FlowTrainer:
         online, cfg = self.online, self.model.config
         step = int(online.trained_steps)
         for group in self.opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+            group["lr"] = learning_rate(cfg, step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.grad_clip)

@@ -251,8 +251,14 @@ def start_run(cfg: TrainConfig, catalogue: Catalogue, device: torch.device, held
     if difference:
         raise ValueError(f"{source} was trained on another schema: {difference}")
     changed = {k: v for k, v in cfg.model_overrides.items() if not model.keeps_option(k, v)}
-    if changed:
-        raise ValueError(f"cannot change {sorted(changed)} of the model loaded from {source}")
+    refused = sorted(set(changed) - set(model.SCHEDULE_OPTIONS))
+    if refused:
+        allowed = ", ".join(model.SCHEDULE_OPTIONS) or "none"
+        raise ValueError(f"cannot change {refused} of the model loaded from {source} (a resumed or "
+                         f"fine-tuned run may change only: {allowed})")
+    if changed:  # recorded in the checkpoint's config, so resuming this run keeps its schedule
+        model.config = dataclasses.replace(model.config, **changed)
+        model.check_config(model.config)
     model.to(device).train()
     trainer = cls.Trainer(model)
     for name, module in trainer.extra_state().items():
