@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from atelier.generator.checkpoint import load_generator
+from atelier.generator.checkpoint import load_generator, save_checkpoint
 from atelier.generator.distill import DistillConfig, distill, one_step_loss, pair_conditions, sampling_tag
 from atelier.generator.flow import Flow, FlowConfig
 from tests.test_flow import SCHEMA, TINY, condition
@@ -99,3 +99,17 @@ def test_only_a_flow_is_distilled_and_pairs_fill_a_batch(teacher, tiny_model, sm
         distill(DistillConfig(teacher=teacher, catalogue=small_catalogue, out=tmp_path / "s", pairs=8, batch_size=16,
                               progress=False))
     assert not (tmp_path / "s").exists()
+
+
+def test_the_student_does_not_inherit_the_teachers_cooldown(teacher, small_catalogue, tmp_path):
+    import dataclasses
+
+    model, manifest = load_generator(teacher)
+    model.config = dataclasses.replace(model.config, cooldown_start=0, cooldown_steps=1)  # rate 0 from step 1
+    save_checkpoint(model, tmp_path / "cooled", manifest["training"])
+    out = tmp_path / "student"
+    distill(DistillConfig(teacher=tmp_path / "cooled", catalogue=small_catalogue, out=out, pairs=32, epochs=1,
+                          batch_size=16, chunk=32, progress=False, command="atelier distill (test)"))
+    student, _ = load_generator(out)
+    assert (student.config.cooldown_start, student.config.cooldown_steps) == (0, 0)
+    assert int(student.trained_steps) == 2

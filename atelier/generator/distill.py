@@ -142,7 +142,8 @@ def _student(cfg: DistillConfig, teacher: Flow, teacher_manifest: dict[str, Any]
         done = manifest.get("training", {})
         return Run(student, trainer, start_epoch=int(done.get("epochs", 0)), images_seen=int(done.get("images_seen", 0)),
                    seconds_before=float(done.get("seconds", 0.0)), init_record=done.get("init_from", {}))
-    config = dataclasses.replace(teacher.config, lr=cfg.lr, **STUDENT_SAMPLING)
+    # a cool-down counts the teacher's steps; the student's count starts again at 0, at a constant rate
+    config = dataclasses.replace(teacher.config, lr=cfg.lr, cooldown_start=0, cooldown_steps=0, **STUDENT_SAMPLING)
     student = Flow(teacher.schema, config)
     student.load_state_dict(teacher.state_dict())
     student.trained_steps.zero_()  # the student's own step count: its warm-ups start again
