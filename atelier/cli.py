@@ -642,8 +642,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _write_summary(report, headlines, str(paths["json"]), args.summary)
 
 
-def _write_summary(report: dict, headlines: list[str], report_path: str, summary: Path) -> None:
-    from atelier.evaluation.summary import summary_entries, update_summary
+def _write_summary(report: dict, headlines: list[str], report_path: str, summary: Path,
+                   copies: dict[str, Path] | None = None) -> None:
+    from atelier import artifacts
+    from atelier.evaluation.summary import check_same_model, summary_entries, update_summary
 
     models = report.get("models")
     if models is None:
@@ -652,16 +654,29 @@ def _write_summary(report: dict, headlines: list[str], report_path: str, summary
     unknown = [h for h in headlines if h not in models]
     if unknown:
         raise ValueError(f"--headline {unknown} not among the report's models {list(models)}")
+    copies = copies or {}
+    stray = sorted(set(copies) - set(headlines))
+    if stray:
+        raise ValueError(f"--checkpoint {stray} names no --headline model (headlines: {headlines})")
+    for name, path in copies.items():
+        check_same_model(report, name, path)
     entries = {}
     for headline in headlines:
-        entries.update(summary_entries(report, headline, models[headline], report_path))
+        checkpoint = str(copies.get(headline, models[headline]))
+        entries.update(summary_entries(report, headline, checkpoint, report_path))
+        if headline in copies:  # the copy's version, and where it was measured from beside it
+            for entry in entries.values():
+                if entry.get("model") == headline:
+                    entry["measured_as"] = {"checkpoint": models[headline], "version": entry["version"]}
+                    entry["version"] = artifacts.resolve(copies[headline]).name
     update_summary(summary, entries)
     print(f"summary: {', '.join(entries)} ({', '.join(headlines)}) -> {summary}")
 
 
 def cmd_summarize(args: argparse.Namespace) -> None:
     report = json.loads(args.report.read_text())
-    _write_summary(report, args.headline, str(args.report), args.summary)
+    _write_summary(report, args.headline, str(args.report), args.summary,
+                   {name: Path(path) for name, path in args.checkpoint})
 
 
 def _summarize_parser(verbs) -> None:
@@ -676,6 +691,9 @@ def _summarize_parser(verbs) -> None:
                    help="a model of that report; repeat (e.g. the catalogue's best and a model trained with --hold-out)")
     p.add_argument("--summary", type=Path, default=Path("docs/results/summary.json"),
                    help="the summary file (default docs/results/summary.json); other keys are kept")
+    p.add_argument("--checkpoint", metavar="NAME=PATH", type=_key_value, action="append", default=[],
+                   help="name PATH as headline NAME's checkpoint: a copy (e.g. committed under checkpoints/) of "
+                        "the run folder the report measured; refused unless PATH holds the same weights")
     p.set_defaults(func=cmd_summarize)
 
 

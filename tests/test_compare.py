@@ -2,11 +2,13 @@
 conditioning accuracy, retrieval precision against the baselines, and a compositional hold-out."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from atelier import artifacts
 from atelier.catalog.fashion_product_images import import_fashion_product_images
 from atelier.cli import main
 from atelier.evaluation.compare import REAL, EvalSettings, compare_models
@@ -189,6 +191,44 @@ def test_eval_command_writes_json_markdown_and_html_with_inception_fid(stack, tm
                  str(stack / "judge"), "--model", str(stack / "mcgan"), "--min-products", "100000",
                  "--out", str(tmp_path / "nothing"), "--quiet"]) == 2
     assert "lower --min-products" in capsys.readouterr().err
+
+
+def test_the_summary_may_name_a_copy_of_the_measured_checkpoint_and_refuses_another_model(stack, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval", "--index", str(stack / "index"), "--catalogue", str(stack / "apparel"), "--judge",
+                 str(stack / "judge"), "--model", f"tiny={stack / 'mcgan'}", "--samples", "2", "--min-products", "4",
+                 "--is-images", "20", "--is-splits", "2", "--fid-images", "0", "--retrieval-samples", "2",
+                 "--quiet", "--out", str(out)]) == 0
+    committed = tmp_path / "committed"  # what committing a run folder under checkpoints/ does
+    shutil.copytree(artifacts.resolve(stack / "mcgan"), committed)
+    longer = tmp_path / "longer"  # the same recipe one step further: other weights, another record
+    train(TrainConfig(catalogue=stack / "apparel", out=longer, model="mcgan", batch_size=16, max_steps=3,
+                      progress=False, model_overrides=TINY, hold_out_groups=("type", "colour"),
+                      hold_out_fraction=0.05, hold_out_min_rows=4))
+    summary = tmp_path / "summary.json"
+
+    def summarize(report, *checkpoints):
+        extra = [a for c in checkpoints for a in ("--checkpoint", c)]
+        return main(["summarize", "--report", str(report), "--headline", "tiny", *extra, "--summary", str(summary)])
+
+    assert summarize(out / "report.json", f"tiny={committed}") == 0
+    entry = json.loads(summary.read_text())["compositional"]
+    assert entry["checkpoint"] == str(committed) and entry["version"] == "committed"
+    assert entry["measured_as"] == {"checkpoint": str(stack / "mcgan"),
+                                    "version": artifacts.resolve(stack / "mcgan").name}
+    capsys.readouterr()
+    assert summarize(out / "report.json", f"tiny={longer}") == 2
+    assert "is not the model the report measured as 'tiny': weights" in capsys.readouterr().err
+    assert summarize(out / "report.json", f"other={committed}") == 2
+    assert "--checkpoint ['other'] names no --headline model" in capsys.readouterr().err
+    assert json.loads(summary.read_text())["compositional"] == entry  # refused runs left it as it was
+    # a report from before reports kept the weights' hash: matched by the training record it kept
+    old = json.loads((out / "report.json").read_text())
+    del old["results"]["tiny"]["weights_sha256"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert summarize(tmp_path / "old.json", f"tiny={committed}") == 0
+    assert summarize(tmp_path / "old.json", f"tiny={longer}") == 2
+    assert "images seen 48 (measured 32)" in capsys.readouterr().err
 
 
 def test_hold_out_removes_the_drawn_combinations_from_training_and_refuses_bad_options(stack, tmp_path):

@@ -312,7 +312,8 @@ class Evaluation:
         result: dict[str, Any] = {"family": model.family, "image_size": model.image_size}
         loaded = self.service.models[name]
         training = loaded.manifest.get("training", {})
-        result.update(version=loaded.manifest["version"], sampling=loaded.manifest.get("sampling", {}),
+        result.update(version=loaded.manifest["version"], weights_sha256=loaded.manifest.get("weights_sha256"),
+                      sampling=loaded.manifest.get("sampling", {}),
                       training_seconds=training.get("seconds"),
                       images_seen=training.get("images_seen"), held_out=training.get("held_out", []))
         result["sampling_images_per_second"] = len(images) / max(seconds, 1e-9)

@@ -25,8 +25,8 @@ from atelier.evaluation.compare import REAL
 from atelier.evaluation.retrieval_quality import REAL_IMAGE
 from atelier.retrieval.precision import ALL
 
-__all__ = ["COMPOSITIONAL", "MISSING_METADATA", "catalogue_key", "headline_table", "summary_entries",
-           "update_summary"]
+__all__ = ["COMPOSITIONAL", "MISSING_METADATA", "catalogue_key", "check_same_model", "headline_table",
+           "summary_entries", "update_summary"]
 
 COMPOSITIONAL = "compositional"
 MISSING_METADATA = "missing-metadata"  # atelier eval-missing: recall when product metadata is missing
@@ -43,6 +43,36 @@ def _per_group(values: dict[str, Any] | None, groups: list[str]) -> Any:
 def _precisions(methods: dict[str, Any], method: str, groups: list[str], ks: list[int], prefix: str) -> dict:
     precision = methods.get(method, {})
     return {f"{prefix}{k}": _per_group({g: precision.get(g, {}).get(str(k)) for g in groups}, groups) for k in ks}
+
+
+def check_same_model(report: dict[str, Any], model: str, checkpoint: Path) -> None:
+    """Raise unless `checkpoint` holds the model that the report measured as `model`.
+
+    For naming a committed copy of a working run folder in the summary: the weights' hash must
+    match; a report written before reports kept the hash is matched by the training record it
+    kept (family, images seen, training seconds: the same training run at the same point).
+    """
+    from atelier import artifacts
+    from atelier.generator.checkpoint import KIND, WEIGHTS
+
+    measured = report["results"].get(model)
+    if measured is None or model == REAL:
+        raise ValueError(f"the report has no model {model!r}; it has {[m for m in report['results'] if m != REAL]}")
+    manifest = artifacts.read_manifest(artifacts.resolve(checkpoint), KIND, verify=True)
+    training = manifest.get("training", {})
+    if measured.get("weights_sha256"):
+        theirs, mine = measured["weights_sha256"], manifest["files"][WEIGHTS]
+        if theirs != mine:
+            raise ValueError(f"{checkpoint} is not the model the report measured as {model!r}: weights "
+                             f"{mine[:12]}, measured {theirs[:12]}")
+        return
+    pairs = {"family": (measured.get("family"), manifest.get("family")),
+             "images seen": (measured.get("images_seen"), training.get("images_seen")),
+             "training seconds": (measured.get("training_seconds"), training.get("seconds"))}
+    differ = {k: v for k, v in pairs.items() if v[0] != v[1]}
+    if differ:
+        said = ", ".join(f"{k} {mine} (measured {theirs})" for k, (theirs, mine) in differ.items())
+        raise ValueError(f"{checkpoint} is not the model the report measured as {model!r}: {said}")
 
 
 def summary_entries(report: dict[str, Any], model: str, checkpoint: str, report_path: str | None = None
