@@ -258,6 +258,9 @@ def test_a_deadline_passing_during_generation_returns_deadline_exceeded_and_skip
             with pytest.raises(grpc.RpcError) as error:  # the model is held until after the deadline
                 client.generate_and_retrieve(BAG, num_samples=1)
             assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # the server's deadline runs from when the call reached it, a transit later than the
+            # client's: release the model only once that one has surely passed too
+            time.sleep(0.5)
             held.release.set()
             wait_until(lambda: svc.admission.admitted("cgan") == 0, "the expired request to end")
             assert embedder.calls == 0  # nothing after generation ran
