@@ -644,8 +644,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _write_summary(report: dict, headlines: list[str], report_path: str, summary: Path,
                    copies: dict[str, Path] | None = None) -> None:
-    from atelier import artifacts
-    from atelier.evaluation.summary import check_same_model, summary_entries, update_summary
+    from atelier.evaluation.summary import summary_entries, update_summary
 
     models = report.get("models")
     if models is None:
@@ -658,17 +657,9 @@ def _write_summary(report: dict, headlines: list[str], report_path: str, summary
     stray = sorted(set(copies) - set(headlines))
     if stray:
         raise ValueError(f"--checkpoint {stray} names no --headline model (headlines: {headlines})")
-    for name, path in copies.items():
-        check_same_model(report, name, path)
     entries = {}
     for headline in headlines:
-        checkpoint = str(copies.get(headline, models[headline]))
-        entries.update(summary_entries(report, headline, checkpoint, report_path))
-        if headline in copies:  # the copy's version, and where it was measured from beside it
-            for entry in entries.values():
-                if entry.get("model") == headline:
-                    entry["measured_as"] = {"checkpoint": models[headline], "version": entry["version"]}
-                    entry["version"] = artifacts.resolve(copies[headline]).name
+        entries.update(summary_entries(report, headline, models[headline], report_path, copies.get(headline)))
     update_summary(summary, entries)
     print(f"summary: {', '.join(entries)} ({', '.join(headlines)}) -> {summary}")
 

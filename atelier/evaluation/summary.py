@@ -25,8 +25,8 @@ from atelier.evaluation.compare import REAL
 from atelier.evaluation.retrieval_quality import REAL_IMAGE
 from atelier.retrieval.precision import ALL
 
-__all__ = ["COMPOSITIONAL", "MISSING_METADATA", "catalogue_key", "check_same_model", "headline_table",
-           "summary_entries", "update_summary"]
+__all__ = ["COMPOSITIONAL", "MISSING_METADATA", "catalogue_key", "headline_table", "summary_entries",
+           "update_summary"]
 
 COMPOSITIONAL = "compositional"
 MISSING_METADATA = "missing-metadata"  # atelier eval-missing: recall when product metadata is missing
@@ -45,8 +45,8 @@ def _precisions(methods: dict[str, Any], method: str, groups: list[str], ks: lis
     return {f"{prefix}{k}": _per_group({g: precision.get(g, {}).get(str(k)) for g in groups}, groups) for k in ks}
 
 
-def check_same_model(report: dict[str, Any], model: str, checkpoint: Path) -> None:
-    """Raise unless `checkpoint` holds the model that the report measured as `model`.
+def _check_same_model(measured: dict[str, Any], model: str, checkpoint: Path) -> None:
+    """Raise unless `checkpoint` holds the model that a report measured (`measured`, its result).
 
     For naming a committed copy of a working run folder in the summary: the weights' hash must
     match; a report written before reports kept the hash is matched by the training record it
@@ -55,9 +55,6 @@ def check_same_model(report: dict[str, Any], model: str, checkpoint: Path) -> No
     from atelier import artifacts
     from atelier.generator.checkpoint import KIND, WEIGHTS
 
-    measured = report["results"].get(model)
-    if measured is None or model == REAL:
-        raise ValueError(f"the report has no model {model!r}; it has {[m for m in report['results'] if m != REAL]}")
     manifest = artifacts.read_manifest(artifacts.resolve(checkpoint), KIND, verify=True)
     training = manifest.get("training", {})
     if measured.get("weights_sha256"):
@@ -75,10 +72,11 @@ def check_same_model(report: dict[str, Any], model: str, checkpoint: Path) -> No
         raise ValueError(f"{checkpoint} is not the model the report measured as {model!r}: {said}")
 
 
-def summary_entries(report: dict[str, Any], model: str, checkpoint: str, report_path: str | None = None
-                    ) -> dict[str, dict[str, Any]]:
+def summary_entries(report: dict[str, Any], model: str, checkpoint: str, report_path: str | None = None,
+                    committed: Path | None = None) -> dict[str, dict[str, Any]]:
     """{key: entry} for `model` of an `atelier eval` report: the catalogue's entry, or, for a model
-    trained with held-out combinations, the compositional one."""
+    trained with held-out combinations, the compositional one. `committed`: a copy of the measured
+    `checkpoint` (refused unless it holds the same model) that the entry names instead of it."""
     results = report["results"]
     if model not in results or model == REAL:
         raise ValueError(f"the report has no model {model!r}; it has {[m for m in results if m != REAL]}")
@@ -86,6 +84,12 @@ def summary_entries(report: dict[str, Any], model: str, checkpoint: str, report_
     origin = {"model": model, "family": mine.get("family"), "checkpoint": checkpoint,
               "version": mine.get("version"), "command": report.get("command"), "report": report_path,
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "index_version": report.get("index_version")}
+    if committed is not None:
+        from atelier import artifacts
+
+        _check_same_model(mine, model, committed)
+        origin.update(checkpoint=str(committed), version=artifacts.resolve(committed).name,
+                      measured_as={"checkpoint": checkpoint, "version": mine.get("version")})
     if mine.get("held_out"):
         seen, held = mine.get("accuracy_seen") or {}, mine.get("accuracy_held_out") or {}
         return {COMPOSITIONAL: {**origin, "catalogue": report["catalogue"], "held_out": mine["held_out"],
