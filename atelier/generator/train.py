@@ -356,6 +356,7 @@ def run_epochs(cfg: TrainConfig, run: Run, images: torch.Tensor, conditions: tor
         bar = progress_bar(total=len(images), unit="img", desc=f"epoch {epoch + 1}/{last_epoch}",
                            disable=not cfg.progress or not world.is_main, leave=False)
         position, stopped, epoch_complete = 0, False, True
+        epoch_started, epoch_images = time.perf_counter(), 0
         publisher.begin_epoch()
         while True:
             # progressive models change their batch size with the resolution they are at
@@ -367,6 +368,7 @@ def run_epochs(cfg: TrainConfig, run: Run, images: torch.Tensor, conditions: tor
             position += batch
             losses = run.trainer.step(images[idx], conditions[idx])
             run.images_seen += batch
+            epoch_images += batch
             step += 1
             publisher.record(losses, batch)  # the losses are rank 0's slice of the batch
             bar.update(batch)
@@ -381,8 +383,9 @@ def run_epochs(cfg: TrainConfig, run: Run, images: torch.Tensor, conditions: tor
         bar.close()
         if any(not np.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"epoch {epoch + 1}: losses became non-finite {losses}; last checkpoint kept")
+        # this epoch's speed: the manifest's images_per_second averages the whole run, resumes included
+        rate = epoch_images / max(time.perf_counter() - epoch_started, 1e-9)
         publisher.publish(epoch + (1 if epoch_complete else 0), losses)
-        rate = run.images_seen / max(publisher.seconds(), 1e-9)
         if world.is_main:
             print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
                   + f", {rate:.0f} img/s -> {cfg.out}", file=sys.stderr)  # a line per epoch, bar or not
