@@ -19,7 +19,7 @@ from atelier.generator.conditioning import kl_to_standard_normal as ca_kl
 from atelier.generator.conditioning import mismatched
 from atelier.generator.mcgan import MCGANConfig
 from atelier.generator.stage2 import Stage2, Stage2Config, Stage2Trainer, discriminator_loss, generator_loss
-from atelier.generator.train import TrainConfig, grid_conditions, prepare_data, sample_grid, train
+from atelier.generator.train import TrainConfig, grid_conditions, prepare_data, sample_grid, start_run, train
 
 STAGE1 = {"g_width": 4, "d_width": 8, "embed_dim": 8, "latent_dim": 16}
 TINY = {"g_width": 4, "d_width": 8, "ca_dim": 8, "res_blocks": 1}
@@ -231,6 +231,65 @@ def test_train_saves_a_self_contained_checkpoint_that_reloads_and_resumes(stack,
                       split=None, progress=False, model_overrides=STAGE1))
     with pytest.raises(ValueError, match=r"cannot change \['stage1'\]"):
         train(TrainConfig(**common, resume=True, model_overrides={"stage1": str(other), **TINY}))
+
+
+def test_a_fine_tune_of_a_source_real_stage2_may_take_another_stage1(stack, tmp_path):
+    root, catalogue = stack
+    common = dict(catalogue=root / "apparel", model="stage2", epochs=1, batch_size=16, max_steps=1, split=None,
+                  progress=False)
+    refiner = tmp_path / "refiner"
+    train(TrainConfig(**common, out=refiner, model_overrides={"stage1": str(root / "mcgan"), "source": "real", **TINY}))
+    longer = tmp_path / "mcgan-longer"  # the same stage 1 trained further: other weights, same shape
+    train(TrainConfig(catalogue=root / "apparel", out=longer, model="mcgan", image_size=32, epochs=1, batch_size=16,
+                      max_steps=1, split=None, progress=False, init=root / "mcgan", model_overrides=STAGE1))
+    longer_model, longer_manifest = load_generator(longer)
+    before, _ = load_generator(refiner)
+
+    cfg = TrainConfig(**common, out=tmp_path / "swapped", init=refiner, model_overrides={"stage1": str(longer)})
+    run = start_run(cfg, catalogue, torch.device("cpu"), [], channels=3, image_size=64)
+    assert all(torch.equal(v, longer_model.state_dict()[k]) for k, v in run.model.stage1.state_dict().items())
+    refined = {k: v for k, v in run.model.state_dict().items() if not k.startswith("stage1.")}
+    assert all(torch.equal(v, before.state_dict()[k]) for k, v in refined.items())  # the refiner is the one trained
+    assert not any(p.requires_grad for p in run.model.stage1.parameters()) and not run.model.stage1.training
+
+    train(cfg)
+    swapped, manifest = load_generator(tmp_path / "swapped")
+    assert swapped.config.stage1["weights_sha256"] == longer_manifest["weights_sha256"]
+    assert manifest["training"]["init_from"]["path"] == str(refiner)
+    assert all(torch.equal(v, longer_model.state_dict()[k]) for k, v in swapped.stage1.state_dict().items())
+
+    # a resume keeps its stage 1, and a stage 2 trained on stage 1's own drawings keeps it on a fine-tune too
+    with pytest.raises(ValueError, match=r"cannot change \['stage1'\].*resumed run may change only: none"):
+        train(TrainConfig(**common, out=refiner, resume=True, model_overrides={"stage1": str(longer)}))
+    plain = tmp_path / "plain"
+    train(TrainConfig(**common, out=plain, model_overrides={"stage1": str(root / "mcgan"), **TINY}))
+    with pytest.raises(ValueError, match=r"cannot change \['stage1'\].*fine-tuned run may change only: none"):
+        train(TrainConfig(**common, out=tmp_path / "p2", init=plain, model_overrides={"stage1": str(longer)}))
+    flow = tmp_path / "flow"  # another family is fine, another size is not: the refiner learned from 32 px inputs
+    train(TrainConfig(catalogue=root / "apparel", out=flow, model="flow", image_size=16, epochs=1, batch_size=16,
+                      max_steps=1, split=None, progress=False, model_overrides={"width": 8, "channels": 3}))
+    with pytest.raises(ValueError, match=r"draws \(size, channels, partial requests\) \(16, 3, True\); "
+                                         r"this stage 2 was trained for \(32, 3, True\)"):
+        train(TrainConfig(**common, out=tmp_path / "f2", init=refiner, model_overrides={"stage1": str(flow)}))
+    assert not (tmp_path / "p2").exists() and not (tmp_path / "f2").exists()
+
+
+def test_sampling_options_are_stage1s():
+    flow = {"family": "flow", "config": {"image_size": 32, "channels": 3, "width": 8, "sample_steps": 2}}
+    model = Stage2(SCHEMA, Stage2Config(image_size=64, stage1=flow, **TINY)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a fresh flow's last layer is zero, so guidance would change nothing
+        for p in model.stage1.parameters():
+            p.normal_(0, 0.1)
+    assert model.sampling() == model.stage1.sampling() and model.sampling()["guidance"] != 3
+    z, condition = torch.randn(2, model.latent_dim), conditions_for(SCHEMA, 2)
+    plain = model.stage1(z, condition)  # what stage 2 refines
+    model.with_sampling({"guidance": 3})
+    assert model.stage1.config.guidance == 3 and model.sampling()["guidance"] == 3
+    assert not torch.equal(plain, model.stage1(z, condition))
+    mcgan = {"family": "mcgan", "config": dataclasses.asdict(MCGANConfig(image_size=64, **STAGE1))}
+    with pytest.raises(ValueError, match="stage2's sampling options are its stage 1's: mcgan has no sampling option"):
+        Stage2(SCHEMA, Stage2Config(image_size=128, stage1=mcgan, **TINY)).with_sampling({"guidance": 3})
 
 
 def test_stage1_of_another_schema_is_refused(stack, whole_shop, tmp_path):

@@ -86,6 +86,17 @@ class ConditionalGenerator(nn.Module):
     def check_config(self, config: Any) -> None:
         """Raise ValueError naming what is allowed if `config` is not a valid one for the family."""
 
+    def changeable_options(self, fine_tune: bool) -> tuple[str, ...]:
+        """Config fields `--set` may change on this loaded model: its SCHEDULE_OPTIONS on a resume;
+        a family whose training never used some part may let a fine-tune (`--init`) replace it."""
+        return self.SCHEDULE_OPTIONS
+
+    def change_options(self, changed: Mapping[str, Any]) -> None:
+        """Apply `--set` changes that `changeable_options` allows (recorded in the config)."""
+        config = dataclasses.replace(self.config, **changed)
+        self.check_config(config)
+        self.config = config
+
     def sampling(self) -> dict[str, Any]:
         """How this copy draws now: its `SAMPLING_OPTIONS` and their values."""
         return {k: getattr(self.config, k) for k in self.SAMPLING_OPTIONS}

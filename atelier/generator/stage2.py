@@ -49,7 +49,10 @@ are copied in, and `config.stage1` becomes {"family", "config", "path", "version
 "weights_sha256"}, so config.json says what stage 1 was and the checkpoint is self-contained
 (stage 1's weights live under `stage1.` in weights.safetensors; the source may be deleted).
 A resume may repeat `--set stage1=PATH` while that checkpoint holds the same weights, or leave
-it out (the checkpoint holds stage 1); a stage 1 with other weights is refused.
+it out (the checkpoint holds stage 1); a stage 1 with other weights is refused. A fine-tune
+(`--init STAGE2 --set stage1=PATH`) of a `source="real"` stage 2 may take another stage 1 of
+the same size (e.g. the same flow trained longer): its training never ran stage 1. Sampling
+options (`--sampling`) are stage 1's.
 
 Data caveat: Fashion Product Images' sources are 60 x 80 px, so a 128 px (let alone 256 px)
 catalogue holds upsampled photos. Stage 2 can then sharpen edges and add texture at best; it
@@ -59,6 +62,7 @@ cannot recover detail the data itself lacks.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,6 +253,43 @@ class Stage2(ConditionalGenerator):
                 return False
             return manifest["files"].get("weights.safetensors") == self.config.stage1.get("weights_sha256")
         return super().keeps_option(key, value)
+
+    def changeable_options(self, fine_tune: bool) -> tuple[str, ...]:
+        # trained on shrunk real photos, stage 2 never saw stage 1's drawings: a fine-tune may
+        # refine another stage 1's (a longer-trained one); one trained on stage 1's drawings may not
+        swappable = ("stage1",) if fine_tune and self.config.source == "real" else ()
+        return (*super().changeable_options(fine_tune), *swappable)
+
+    def change_options(self, changed: Mapping[str, Any]) -> None:
+        changed = dict(changed)
+        if "stage1" in changed:
+            self.replace_stage1(changed.pop("stage1"))
+        if changed:
+            super().change_options(changed)
+
+    def replace_stage1(self, spec: Any) -> None:
+        """Refine the drawings of another stage 1 (a checkpoint path) of the same size, channels
+        and partial requests; its weights are copied in and config.stage1 records it."""
+        stage1, record = resolve_stage1(self.schema, spec)
+        old = self.stage1
+        shape = lambda m: (m.image_size, m.channels, m.accepts_partial)  # noqa: E731
+        if shape(stage1) != shape(old):
+            raise ValueError(f"stage 1 ({spec}) draws (size, channels, partial requests) {shape(stage1)}; "
+                             f"this stage 2 was trained for {shape(old)}")
+        stage1.requires_grad_(False)
+        self.stage1 = stage1.to(next(old.parameters()).device).eval()
+        self.config = dataclasses.replace(self.config, stage1=record)
+
+    def sampling(self) -> dict[str, Any]:
+        """Stage 2 draws as its stage 1 does: the sampling options are stage 1's (a flow's guidance)."""
+        return self.stage1.sampling()
+
+    def with_sampling(self, options: Mapping[str, Any]) -> Stage2:
+        try:
+            self.stage1.with_sampling(options)
+        except ValueError as e:
+            raise ValueError(f"stage2's sampling options are its stage 1's: {e}") from e
+        return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -250,21 +250,22 @@ def start_run(cfg: TrainConfig, catalogue: Catalogue, device: torch.device, held
     difference = model.schema.describe_difference(catalogue.schema)
     if difference:
         raise ValueError(f"{source} was trained on another schema: {difference}")
+    fine_tune = source != cfg.out
     changed = {k: v for k, v in cfg.model_overrides.items() if not model.keeps_option(k, v)}
-    refused = sorted(set(changed) - set(model.SCHEDULE_OPTIONS))
+    changeable = model.changeable_options(fine_tune)
+    refused = sorted(set(changed) - set(changeable))
     if refused:
-        allowed = ", ".join(model.SCHEDULE_OPTIONS) or "none"
-        raise ValueError(f"cannot change {refused} of the model loaded from {source} (a resumed or "
-                         f"fine-tuned run may change only: {allowed})")
+        allowed = ", ".join(changeable) or "none"
+        raise ValueError(f"cannot change {refused} of the model loaded from {source} (this "
+                         f"{'fine-tuned' if fine_tune else 'resumed'} run may change only: {allowed})")
     if changed:  # recorded in the checkpoint's config, so resuming this run keeps its schedule
-        model.config = dataclasses.replace(model.config, **changed)
-        model.check_config(model.config)
+        model.change_options(changed)
     model.to(device).train()
     trainer = cls.Trainer(model)
     for name, module in trainer.extra_state().items():
         load_extra(source, name, module)
     done = manifest.get("training", {})
-    if source != cfg.out:  # fine-tune: a new run that records where it started
+    if fine_tune:  # a new run that records where it started
         init = {"path": str(source), "weights_sha256": manifest["weights_sha256"], "training": done}
         return Run(model, trainer, init_record=init, held_out=held_out)
     if done.get("held_out", []) != held_out:
