@@ -137,7 +137,8 @@ def _train_parser(verbs) -> None:
     p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="model option, e.g. --set g_width=64 --set latent_dim=128; with --resume only the "
                         "family's schedule options may change (the flow's lr, ema_decay, cooldown_start, "
-                        "cooldown_steps)")
+                        "cooldown_steps); with --init also a source=real stage2's stage1=PATH (another "
+                        "stage 1 of the same size)")
     p.add_argument("--hold-out", metavar="GROUP,GROUP",
                    help="compositional hold-out: remove a fraction of these groups' value combinations "
                         "(e.g. type,colour) from training; they are listed in the manifest for `atelier eval`")
